@@ -1,0 +1,83 @@
+"""How aligned K LoRAs are: Gram matrices of their deltas (exact, from the factors), cosines and
+energy shares, per layer and summed over a block or the whole file, as plain data.
+
+For one layer, G_ij = ⟨dW_i, dW_j⟩_F = s_i·s_j·tr((up_iᵀup_j)(down_j·down_iᵀ)), a LoRA that lacks
+the layer counting as a zero delta. A scope (a layer, a block, the file) sums the Grams of its
+layers, so every figure of a scope is that of the deltas flattened and concatenated over it:
+  cosine  cos_ij = G_ij / √(G_ii·G_jj)   (null where a LoRA has no delta in the scope; the
+          whole-file matrix therefore weighs each layer by its energy, large layers dominate);
+  share   1 − R_kk / G_kk, the part of LoRA k's energy that the shared direction explains, where
+          R is the Gram of the residuals dW_k − λ_k·v (in [0, 1] when λ is fitted per layer;
+          with one global λ a single layer may go below 0, its scope sums cannot).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+from .lowrank import LowRank
+
+
+def stack(parts: Sequence[LowRank | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact concatenated form of all present parts, float64: up [out, R] with the scales
+    folded in, down [R, in·k²], and owner [R], the index in `parts` of each rank column."""
+    present = [(k, p) for k, p in enumerate(parts) if p is not None and p.rank]
+    if not present:
+        return torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    up = torch.cat([p.up.double().reshape(p.up.shape[0], -1) * p.scale for _, p in present], 1)
+    down = torch.cat([p.down.double().reshape(p.rank, -1) for _, p in present], 0)
+    owner = torch.cat([torch.full((p.rank,), k, dtype=torch.long) for k, p in present])
+    return up, down, owner
+
+
+def block_sums(m: torch.Tensor, owner: torch.Tensor, k: int) -> torch.Tensor:
+    """[K, K] sums of the R×R matrix `m` over the (owner_i, owner_j) blocks."""
+    onehot = torch.zeros(k, len(owner), dtype=m.dtype)
+    onehot[owner, torch.arange(len(owner))] = 1
+    return onehot @ m @ onehot.T
+
+
+def gram(parts: Sequence[LowRank | None]) -> torch.Tensor:
+    """G_ij = ⟨dW_i, dW_j⟩_F (float64 [K, K]) from the factors: block sums of (UᵀU) ⊙ (D·Dᵀ) of
+    the concatenated form, never forming a dW; rows of absent parts are 0."""
+    up, down, owner = stack(parts)
+    if not len(owner):
+        return torch.zeros(len(parts), len(parts), dtype=torch.float64)
+    return block_sums((up.T @ up) * (down @ down.T), owner, len(parts))
+
+
+def cosines(g: torch.Tensor) -> list[list[float | None]]:
+    """cos_ij = G_ij / √(G_ii·G_jj); None where either diagonal is 0."""
+    d = g.diagonal().clamp_min(0).sqrt()
+    return [[float(g[i, j] / (d[i] * d[j])) if d[i] > 0 and d[j] > 0 else None for j in range(len(d))]
+            for i in range(len(d))]
+
+
+def shares(g: torch.Tensor, residual: torch.Tensor) -> list[float | None]:
+    """1 − R_kk / G_kk per LoRA; None where G_kk is 0."""
+    return [float(1 - residual[k, k] / g[k, k]) if g[k, k] > 0 else None for k in range(len(g))]
+
+
+def mean_offdiag(cos: list[list[float | None]]) -> float | None:
+    """Mean of the defined off-diagonal cosines (the one cosine when K = 2)."""
+    vals = [c for i, row in enumerate(cos) for j, c in enumerate(row) if i < j and c is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def scope(g: torch.Tensor, residual: torch.Tensor) -> dict:
+    """Plain data of one scope: cosines before (`before`) and after removing the shared direction
+    (`after`, cosines of the residuals), energy `share`s, and each LoRA's Frobenius `norm`."""
+    return {"before": cosines(g), "after": cosines(residual), "share": shares(g, residual),
+            "norm": [float(v) for v in g.diagonal().clamp_min(0).sqrt()]}
+
+
+def by_block(entries: Iterable[tuple[str, torch.Tensor, torch.Tensor]]) -> list[dict]:
+    """`scope` of each block (Grams summed over its layers), blocks in order of first appearance."""
+    sums: dict[str, list] = {}
+    for block, g, r in entries:
+        acc = sums.setdefault(block, [torch.zeros_like(g), torch.zeros_like(r), 0])
+        acc[0] += g
+        acc[1] += r
+        acc[2] += 1
+    return [{"block": b, "layers": n, **scope(g, r)} for b, (g, r, n) in sums.items()]

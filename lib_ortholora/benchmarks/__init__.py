@@ -1,0 +1,49 @@
+"""Benchmarks (not tests): wall time and peak RSS of each operation on full-size synthetic data.
+
+Each module of this package is one benchmark with
+  `prepare(workdir: Path, arch: str, full: bool) -> dict`   (build inputs; not measured), and
+  `measure(workdir: Path, arch: str, prepared: dict) -> dict` (the measured work; returns figures).
+`measure` runs in a fresh child process so that its peak RSS is its own.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import pkgutil
+import resource
+import time
+from importlib import import_module
+from pathlib import Path
+
+NAMES = tuple(m.name for m in pkgutil.iter_modules(__path__))
+
+
+def _child(name: str, workdir: str, arch: str, prepared: dict, queue) -> None:
+    start = time.perf_counter()
+    try:
+        figures = import_module(f"{__name__}.{name}").measure(Path(workdir), arch, prepared)
+    except Exception as e:  # report, do not hang the parent
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+        return
+    figures["wall_s"] = round(time.perf_counter() - start, 2)
+    figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    queue.put(figures)
+
+
+def run(name: str, arch: str, workdir: Path, full: bool = True) -> dict:
+    """Prepare inputs in this process, then measure in a child process; returns the figures."""
+    if name not in NAMES:
+        raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    prepared = import_module(f"{__name__}.{name}").prepare(workdir, arch, full)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(name, str(workdir), arch, prepared, queue))
+    proc.start()
+    figures = queue.get()
+    proc.join()
+    return {"benchmark": name, "arch": arch, "full": full, **figures}
+
+
+def dumps(figures: dict) -> str:
+    return json.dumps(figures, indent=1)

@@ -1,0 +1,56 @@
+"""Extraction benchmark: a rank-32 LoRA (linear layers, as kohya's default) from a full-size pair,
+plus its error against the exact truncated SVD at the same ranks on a sample of layers."""
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import torch
+
+from ..extract import extract_lora
+from ..fileio import open_tensors
+from ..keys import targets
+from ..arch import detect
+from ..lorafile import read_lora
+from ..lowrank import rel_error
+from ..synth import write_pair
+from ..svd import exact_svd
+
+RANK = 32
+SAMPLE = 12
+
+
+def prepare(workdir: Path, arch: str, full: bool) -> dict:
+    base, tuned = workdir / f"{arch}_base.safetensors", workdir / f"{arch}_tuned.safetensors"
+    if not (base.exists() and tuned.exists()):
+        write_pair(arch, workdir, full=full)
+    return {"base": str(base), "tuned": str(tuned), "out": str(workdir / f"{arch}_extract_r{RANK}.safetensors")}
+
+
+def _accuracy(prepared: dict) -> dict:
+    """Relative Frobenius error of the written LoRA vs the exact truncated SVD, on sampled layers."""
+    lora = read_lora(prepared["out"])
+    with open_tensors(prepared["base"]) as base, open_tensors(prepared["tuned"]) as tuned:
+        shapes = {k: base.shape(k) for k in base.keys()}
+        tgts = [t for t in targets(detect(shapes), shapes, conv=False) if t.name in lora.modules]
+        ratios = []
+        for t in tgts[:: max(1, len(tgts) // SAMPLE)]:
+            rows = slice(*t.rows) if t.rows else slice(None)
+            d = (tuned.get(t.ckpt_key)[rows].float() - base.get(t.ckpt_key)[rows].float()).reshape(t.shape[0], -1)
+            u, s, vh = exact_svd(d)
+            r = lora.modules[t.name].rank
+            best = rel_error((u[:, :r] * s[:r]) @ vh[:r], d)
+            ours = rel_error(lora.modules[t.name].delta().reshape(d.shape), d)
+            ratios.append(ours / best)
+    return {"sampled_layers": len(ratios), "error_vs_exact_max_ratio": round(max(ratios), 5),
+            "error_vs_exact_mean_ratio": round(sum(ratios) / len(ratios), 5)}
+
+
+def measure(workdir: Path, arch: str, prepared: dict) -> dict:
+    torch.manual_seed(0)
+    report = extract_lora(prepared["base"], prepared["tuned"], dim=RANK, min_dim=1, max_dim=None,
+                          save_path=prepared["out"], conv=False, overwrite=True)
+    figures = {k: report.totals[k] for k in ("modules", "skipped", "mean_rel_error", "seconds", "output_mb")}
+    figures["extract_seconds"] = figures.pop("seconds")
+    figures["extract_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return figures | _accuracy(prepared)

@@ -1,0 +1,28 @@
+"""`bench`: benchmarks on full-size synthetic checkpoints (wall time, peak RSS, accuracy)."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from .. import benchmarks
+from ..report import Report, Row
+
+
+def add(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark an operation on full-size synthetic data (not a test)")
+    p.add_argument("name", choices=benchmarks.NAMES)
+    p.add_argument("--arch", choices=("sd15", "sd2", "sdxl"), default="sd15")
+    p.add_argument("--small", action="store_true", help="tiny widths (a smoke run, not a benchmark)")
+    p.add_argument("--workdir", help="keep inputs here (reused between runs); default: a temp folder")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args) -> Report:
+    if args.workdir:
+        figures = benchmarks.run(args.name, args.arch, Path(args.workdir), full=not args.small)
+    else:
+        with tempfile.TemporaryDirectory(prefix="ortholora-bench-") as tmp:
+            figures = benchmarks.run(args.name, args.arch, Path(tmp), full=not args.small)
+    report = Report("bench", totals=figures)
+    report.add(Row(f"{args.name} {args.arch}", "error" if "error" in figures else "ok", note=figures.get("error", "")))
+    return report

@@ -1,0 +1,151 @@
+"""Extract a LoRA from a base and a tuned checkpoint, one layer at a time, straight from the files.
+
+Per targeted layer: D = W_tuned − W_base (float32, the q/k/v row block for open_clip in_proj),
+skipped (and reported) when max|D| ≤ skip; otherwise the top-r singular triplets of D reshaped to
+[out, in·k·k] give up = U·√S, down = √S·Vᴴ, alpha = r. r follows a rank policy (rank.py); 3×3
+convs may follow their own policy or be left out.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from . import arch as _arch
+from .errors import OrthoLoraError
+from .fileio import TensorFile, open_tensors
+from .keys import Target, targets
+from .lorafile import write_lora
+from .lowrank import LowRank, balanced
+from .progress import Progress
+from .rank import RankPolicy, parse_policy
+from .report import Report, Row
+from .svd import exact_svd, truncated_svd
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` → cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise OrthoLoraError(f"unknown device {device!r}; use cpu, cuda or auto") from None
+
+
+def policy_of(value: RankPolicy | str | float | int, min_dim: int = 1, max_dim: int | None = None) -> RankPolicy:
+    """A rank policy from a policy, a policy string, an int rank (fixed) or a float fraction < 1."""
+    if isinstance(value, RankPolicy):
+        return value
+    if isinstance(value, str):
+        return parse_policy(value)
+    if isinstance(value, float) and value < 1:
+        return RankPolicy("fraction", value, min_dim, max_dim)
+    return RankPolicy("fixed", float(value), min_dim, max_dim)
+
+
+def decompose(d: torch.Tensor, shape: tuple[int, ...], policy: RankPolicy, svd: str = "auto") -> tuple[LowRank, float]:
+    """Best rank-r approximation of a delta under `policy`; returns it and its relative Frobenius error."""
+    mat = d.reshape(shape[0], -1)
+    energy = float(mat.double().square().sum())
+    if policy.needs_spectrum(shape) or svd == "exact":
+        u, s, vh = exact_svd(mat)
+    else:
+        u, s, vh = truncated_svd(mat, policy.cap(shape), method=svd)
+    r = policy.choose(s, shape, energy)
+    u, s, vh = u[:, :r], s[:r], vh[:r]
+    residual = float((mat - (u * s) @ vh).double().square().sum()) if r else energy
+    return balanced(u, s, vh, shape), (residual / energy) ** 0.5 if energy else 0.0
+
+
+def _pair_arch(base: TensorFile, tuned: TensorFile) -> tuple[_arch.Arch, dict]:
+    shapes = {k: base.shape(k) for k in base.keys()}
+    a = _arch.detect(shapes, str(base.path))
+    b = _arch.detect({k: tuned.shape(k) for k in tuned.keys()}, str(tuned.path))
+    if a != b:
+        raise OrthoLoraError(f"base is {a.title} but tuned ({tuned.path}) is {b.title}", base.path)
+    return a, shapes
+
+
+def _layer_delta(t: Target, base: torch.Tensor, tuned: torch.Tensor, files: tuple[TensorFile, TensorFile],
+                 device: torch.device) -> torch.Tensor:
+    if base.shape != tuned.shape:
+        raise OrthoLoraError(f"{t.ckpt_key} is {tuple(tuned.shape)} in the tuned file but "
+                             f"{tuple(base.shape)} in the base", files[1].path)
+    for w, f in zip((base, tuned), files):
+        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            raise OrthoLoraError(f"tensor {t.ckpt_key} holds NaN or Inf values", f.path)
+    rows = slice(*t.rows) if t.rows else slice(None)
+    return tuned[rows].to(device, torch.float32) - base[rows].to(device, torch.float32)
+
+
+def extract(base: TensorFile, tuned: TensorFile, policy: RankPolicy, conv_policy: RankPolicy | None,
+            skip: float = 1e-6, device: str = "auto", svd: str = "auto",
+            progress: Progress | None = None) -> tuple[str, dict[str, LowRank], Report]:
+    """Extract from two open checkpoints. `conv_policy=None` leaves resnet/sampler layers out.
+    Returns (architecture id, {kohya name: LowRank}, report)."""
+    arch, shapes = _pair_arch(base, tuned)
+    dev = resolve_device(device)
+    todo = targets(arch, shapes, conv=conv_policy is not None)
+    report = Report("extract", totals={"architecture": arch.title, "policy": policy.describe(),
+                                       "conv_policy": conv_policy.describe() if conv_policy else "off"})
+    out: dict[str, LowRank] = {}
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i, t in enumerate(todo):
+        if t.ckpt_key not in cache:
+            cache = {t.ckpt_key: (base.get(t.ckpt_key), tuned.get(t.ckpt_key))}
+        d = _layer_delta(t, *cache[t.ckpt_key], (base, tuned), dev)
+        peak = float(d.abs().max()) if d.numel() else 0.0
+        row = report.add(Row(t.name, extra={"block": t.block, "shape": "×".join(map(str, t.shape))}))
+        if peak <= skip:
+            row.status, row.note = "skipped", f"unchanged: max|ΔW| = {peak:.3g} ≤ {skip:g}"
+        else:
+            layer_policy = conv_policy if (conv_policy and t.kernel > 1) else policy
+            lr, err = decompose(d, t.shape, layer_policy, svd)
+            out[t.name] = LowRank(lr.up.cpu(), lr.down.cpu(), lr.scale, lr.shape)
+            row.rank, row.rel_error = lr.rank, err
+        if progress:
+            progress(i + 1, len(todo), t.name)
+    skipped = [r.module for r in report.rows if r.status == "skipped"]
+    report.totals.update({"modules": len(out), "skipped": len(skipped),
+                          "skipped_text_encoder": sum(n.startswith("lora_te") for n in skipped)})
+    if skipped:
+        report.warnings.append(f"{len(skipped)} unchanged modules skipped (see rows with status 'skipped')")
+    errs = [r.rel_error for r in report.rows if r.rel_error is not None]
+    if errs:
+        report.totals["mean_rel_error"] = sum(errs) / len(errs)
+        report.totals["max_rel_error"] = max(errs)
+    return arch.id, out, report
+
+
+def extract_lora(base_path: str | Path, tuned_path: str | Path, dim: RankPolicy | str | float | int = 0.08,
+                 min_dim: int = 8, max_dim: int | None = 96, save_path: str | Path | None = None, *,
+                 conv_dim: RankPolicy | str | float | int | None = None, conv: bool = True,
+                 skip: float = 1e-6, device: str = "auto", svd: str = "auto",
+                 dtype: torch.dtype = torch.float16, overwrite: bool = False,
+                 progress: Progress | None = None) -> Report:
+    """Extract a LoRA from checkpoint files and (with `save_path`) write it as a kohya LoRA.
+
+    `dim`: a float < 1 is a fraction of full rank (⌈dim·in·k²⌉, clamped to [min_dim, max_dim]);
+    an int is a fixed rank; a string is any rank policy (`sv_ratio=20`, `fro=0.9,max=64`, …).
+    `conv_dim` is the policy for 3×3 convs (default: same as `dim`); `conv=False` leaves all
+    resnet/sampler layers out.
+    """
+    start = time.perf_counter()
+    policy = policy_of(dim, min_dim, max_dim)
+    conv_policy = policy_of(conv_dim, min_dim, max_dim) if conv_dim is not None else policy
+    if save_path is not None and Path(save_path).exists() and not overwrite:
+        raise OrthoLoraError("exists; pass overwrite to replace it", save_path)
+    with open_tensors(base_path) as base, open_tensors(tuned_path) as tuned:
+        arch_id, lowranks, report = extract(base, tuned, policy, conv_policy if conv else None,
+                                            skip, device, svd, progress)
+    if save_path is not None:
+        meta = {"ortholora_operation": "extract", "ortholora_base": Path(base_path).name,
+                "ortholora_tuned": Path(tuned_path).name, "ortholora_policy": report.totals["policy"],
+                "ortholora_conv_policy": report.totals["conv_policy"]}
+        write_lora(save_path, lowranks, arch_id, dtype, meta, overwrite)
+        report.outputs.append(str(save_path))
+        report.totals["output_mb"] = round(Path(save_path).stat().st_size / 2**20, 2)
+    report.totals["seconds"] = round(time.perf_counter() - start, 2)
+    return report

@@ -1,0 +1,575 @@
+"""All tensor file I/O: lazy readers, the streamed safetensors writer, atomic outputs, sshs hashes
+and safe output names. Every bad input raises ``OrthoLoraError`` naming the file."""
+from __future__ import annotations
+
+import ctypes
+import io
+import hashlib
+import json
+import math
+import os
+import pickle
+import secrets
+import threading
+import zipfile
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import BinaryIO, Callable, Iterator, Mapping
+
+import safetensors.torch
+import torch
+
+from .errors import OrthoLoraError
+from .memory import large_buffers_unmapped_on_free
+
+PathLike = str | os.PathLike
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+_EXISTS = "exists; pass overwrite to replace it"
+
+
+class MissingTensorError(OrthoLoraError, KeyError):
+    """A tensor name that the file does not hold (also catchable as ``KeyError``)."""
+
+    __str__ = Exception.__str__
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class TensorFile(ABC):
+    """A lazily read tensor file: names, dtypes and shapes are known; data is read per ``get``."""
+
+    def __init__(self, path: Path, info: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str]):
+        self.path = path
+        self.metadata = metadata
+        self._info = info
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._info
+
+    def __len__(self) -> int:
+        return len(self._info)
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+        return list(self._info)
+
+    def _entry(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        try:
+            return self._info[key]
+        except KeyError:
+            raise MissingTensorError(f"no tensor named {key!r}", self.path) from None
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entry(key)[0]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entry(key)[1]
+
+    def nbytes(self, key: str) -> int:
+        dtype, shape = self._entry(key)
+        return math.prod(shape) * dtype.itemsize
+
+    @abstractmethod
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor named ``key`` (a CPU tensor of ``dtype(key)`` and ``shape(key)``)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the file; ``get`` fails afterwards."""
+
+
+class SafetensorsFile(TensorFile):
+    """A .safetensors file read with one open file; ``get`` reads only that tensor's bytes."""
+
+    def __init__(self, path: Path):
+        try:
+            self._file = open(path, "rb", buffering=0)
+        except OSError as err:
+            raise OrthoLoraError(f"cannot open: {err.strerror or err}", path) from err
+        try:
+            size = os.fstat(self._file.fileno()).st_size
+            header = _read_header(self._file, size, path)
+            self._data_start = 8 + len(header)
+            entries, metadata = _parse_header(header, size - self._data_start, path)
+        except BaseException:
+            self._file.close()
+            raise
+        self._offsets = {name: begin for name, (_, _, begin) in entries.items()}
+        self._lock = threading.Lock()
+        super().__init__(path, {k: (d, s) for k, (d, s, _) in entries.items()}, metadata)
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read one tensor (a fresh CPU tensor that owns its memory)."""
+        dtype, shape = self._entry(key)
+        count = self.nbytes(key)
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        buf = bytearray(count)
+        view = memoryview(buf)
+        with self._lock:
+            if self._file.closed:
+                raise OrthoLoraError("file is closed", self.path)
+            try:
+                self._file.seek(self._data_start + self._offsets[key])
+                done = 0
+                while done < count:
+                    got = self._file.readinto(view[done:])
+                    if not got:
+                        raise OrthoLoraError(f"file ended inside tensor {key!r} (changed since it "
+                                             "was opened?)", self.path)
+                    done += got
+            except OSError as err:
+                raise OrthoLoraError(f"cannot read tensor {key!r}: {err.strerror or err}",
+                                     self.path) from err
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+class DictTensorFile(TensorFile):
+    """Tensors already loaded (memory-mapped where possible) from a torch pickle-zip file."""
+
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor]):
+        self._tensors = tensors
+        super().__init__(path, {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, {})
+
+    def get(self, key: str) -> torch.Tensor:
+        """The stored tensor (shared, not a copy: do not modify it in place)."""
+        self._entry(key)
+        if key not in self._tensors:
+            raise OrthoLoraError("file is closed", self.path)
+        return self._tensors[key]
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+def open_tensors(path: PathLike) -> TensorFile:
+    """Open a .safetensors file (lazily: header only) or a plain torch weights file."""
+    large_buffers_unmapped_on_free()
+    path = Path(path)
+    if not path.exists():
+        raise OrthoLoraError("file not found", path)
+    if path.is_dir():
+        raise OrthoLoraError("is a folder, not a tensor file", path)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return SafetensorsFile(path)
+    if suffix in TORCH_SUFFIXES:
+        return DictTensorFile(path, _load_torch_weights(path))
+    raise OrthoLoraError(f"unknown file type {path.suffix or '(no extension)'!r}; expected "
+                         f".safetensors or one of {', '.join(TORCH_SUFFIXES)}", path)
+
+
+def _read_header(file: BinaryIO, size: int, path: Path) -> bytes:
+    """The raw JSON header bytes of a safetensors file, after checking the length prefix."""
+    if size < 8:
+        raise OrthoLoraError(f"too short to be a safetensors file ({size} bytes)", path)
+    length = int.from_bytes(file.read(8), "little")
+    if length == 0:
+        raise OrthoLoraError("not a safetensors file (header length is 0)", path)
+    if length > MAX_HEADER_BYTES:
+        raise OrthoLoraError(f"not a safetensors file (header length {length} is over "
+                             f"{MAX_HEADER_BYTES} bytes)", path)
+    if 8 + length > size:
+        raise OrthoLoraError(f"truncated or not a safetensors file (header length {length} "
+                             f"but the file has {size} bytes)", path)
+    header = file.read(length)
+    if len(header) != length:
+        raise OrthoLoraError("file ended inside the header", path)
+    return header
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate keys in the header")
+    return out
+
+
+def _parse_header(header: bytes, data_size: int, path: Path
+                  ) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], int]], dict[str, str]]:
+    """Validate the header; return {name: (dtype, shape, begin)} in header order and metadata."""
+    try:
+        parsed = json.loads(header.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError:
+        raise OrthoLoraError("bad safetensors header (not UTF-8)", path) from None
+    except ValueError as err:
+        raise OrthoLoraError(f"bad safetensors header (not valid JSON: {err})", path) from None
+    if not isinstance(parsed, dict):
+        raise OrthoLoraError("bad safetensors header (not a JSON object)", path)
+    metadata = _check_metadata(parsed.pop("__metadata__", None), path)
+    entries = {name: _check_entry(name, entry, data_size, path) for name, entry in parsed.items()}
+    spans = sorted((begin, begin + math.prod(shape) * dtype.itemsize, name)
+                   for name, (dtype, shape, begin) in entries.items())
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise OrthoLoraError(f"bad safetensors header (tensors {first!r} and {second!r} "
+                                 "overlap)", path)
+    return entries, metadata
+
+
+def _check_metadata(metadata: object, path: Path) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise OrthoLoraError("bad safetensors header (__metadata__ is not an object)", path)
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise OrthoLoraError(f"bad safetensors header (metadata {key!r} is not a string)", path)
+    return metadata
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_entry(name: str, entry: object, data_size: int, path: Path
+                 ) -> tuple[torch.dtype, tuple[int, ...], int]:
+    """Validate one tensor entry; return (dtype, shape, begin offset in the data section)."""
+    def bad(problem: str) -> OrthoLoraError:
+        return OrthoLoraError(f"bad safetensors header (tensor {name!r}: {problem})", path)
+
+    if not isinstance(entry, dict):
+        raise bad("entry is not an object")
+    dtype_name = entry.get("dtype")
+    dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise bad(f"unknown dtype {dtype_name!r}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    offsets = entry.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+        raise bad(f"data_offsets {offsets!r} is not a pair of integers")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+        raise bad(f"data_offsets {offsets} out of range (data section has {data_size} bytes)")
+    expected = math.prod(shape) * dtype.itemsize
+    if end - begin != expected:
+        raise bad(f"data_offsets span {end - begin} bytes but shape {shape} needs {expected}")
+    return dtype, tuple(shape), begin
+
+
+def _refusal_reason(err: Exception) -> str:
+    """The informative line of torch's weights_only refusal message."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "nsupported" in line:
+            return line[:200]
+    return (lines[0] if lines else type(err).__name__)[:200]
+
+
+def _load_torch_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Load a torch pickle file without running code (weights_only) and return its tensors."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as err:
+        raise OrthoLoraError("refused: not a plain weights file (pickle would need to run code: "
+                             f"{_refusal_reason(err)})", path) from None
+    except Exception as err:  # torch raises many types for corrupt files
+        raise OrthoLoraError(f"cannot read as a torch weights file ({type(err).__name__}: "
+                             f"{_refusal_reason(err)})", path) from None
+    tensors = _unwrap_state_dict(obj)
+    if not tensors:
+        raise OrthoLoraError("holds no tensors (not a weights file?)", path)
+    return tensors
+
+
+def _tensor_items(obj: object) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, dict):
+        return {}
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def _unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
+    """Unwrap ``state_dict`` and a lone ``model``/``module`` dict; keep tensor values only."""
+    for _ in range(4):  # a few levels cover every real layout
+        if not isinstance(obj, dict):
+            return {}
+        if isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+            continue
+        nested = [k for k, v in obj.items() if _tensor_items(v)]
+        if not _tensor_items(obj) and len(nested) == 1 and nested[0] in ("model", "module"):
+            obj = obj[nested[0]]
+            continue
+        break
+    return _tensor_items(obj)
+
+
+def check_finite(tensor: torch.Tensor, key: str, path: PathLike | None) -> None:
+    """Raise if ``tensor`` holds NaN or Inf values."""
+    if not tensor.is_floating_point():
+        return
+    values = tensor.float() if tensor.dtype.itemsize == 1 else tensor  # no isfinite for float8
+    if not bool(torch.isfinite(values).all()):
+        nans = int(torch.isnan(values).sum())
+        infs = int(torch.isinf(values).sum())
+        raise OrthoLoraError(f"tensor {key!r} has {nans} NaN and {infs} Inf values", path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _disk_error(err: OSError, target: Path) -> OrthoLoraError:
+    return OrthoLoraError(f"cannot write: {err.strerror or err}", target)
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY if directory else os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Move the finished temp file to ``target``; without ``overwrite`` never clobber a file."""
+    if overwrite:
+        os.replace(tmp, target)
+        return
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise OrthoLoraError(_EXISTS, target) from None
+    except OSError:  # no hard links on this filesystem
+        if os.path.lexists(target):
+            raise OrthoLoraError(_EXISTS, target) from None
+        os.replace(tmp, target)
+        return
+    os.unlink(tmp)
+
+
+@contextmanager
+def atomic_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp path next to ``path``; on success fsync it and move it to ``path``.
+
+    On any error the temp file is removed and the error re-raised; the target is untouched."""
+    target = Path(path)
+    if target.is_dir():
+        raise OrthoLoraError("is a folder", target)
+    if not overwrite and os.path.lexists(target):
+        raise OrthoLoraError(_EXISTS, target)
+    if not target.parent.is_dir():
+        raise OrthoLoraError("output folder does not exist", target)
+    tmp = target.parent / f".{target.stem}.{secrets.token_hex(6)}.tmp"
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as err:
+        raise _disk_error(err, target) from err
+    try:
+        yield tmp
+        try:
+            _fsync_path(tmp)
+            _publish(tmp, target, overwrite)
+        except OSError as err:
+            raise _disk_error(err, target) from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        _fsync_path(target.parent, directory=True)
+    except OSError:  # not every platform/filesystem can fsync a folder; the file itself is synced
+        pass
+
+
+def _write_all(file: io.FileIO, data: bytes | memoryview, target: Path) -> None:
+    """Write every byte to an unbuffered file, turning OS errors into errors naming ``target``."""
+    view = memoryview(data).cast("B")
+    try:
+        while view:
+            view = view[file.write(view):]
+    except OSError as err:
+        raise _disk_error(err, target) from err
+
+
+@contextmanager
+def _open_temp(tmp: Path, target: Path) -> Iterator[io.FileIO]:
+    try:
+        file = open(tmp, "wb", buffering=0)
+    except OSError as err:
+        raise _disk_error(err, target) from err
+    with file:
+        yield file
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (keep the tensor alive while using it)."""
+    count = tensor.numel() * tensor.element_size()
+    if count == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_ubyte * count).from_address(tensor.data_ptr()))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and shape of one tensor to be written."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def _check_metadata_out(metadata: Mapping[str, str] | None, target: Path) -> dict[str, str]:
+    metadata = dict(metadata or {})
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise OrthoLoraError(f"metadata {key!r} must map a string to a string", target)
+    return metadata
+
+
+def _safetensors_header(specs: list[TensorSpec], metadata: dict[str, str], target: Path) -> bytes:
+    """The length prefix plus the space-padded JSON header for ``specs`` laid out in order."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for spec in specs:
+        if spec.name in header:
+            raise OrthoLoraError(f"tensor name {spec.name!r} used twice or reserved", target)
+        if spec.dtype not in _DTYPE_NAMES:
+            raise OrthoLoraError(f"tensor {spec.name!r}: dtype {spec.dtype} cannot be stored",
+                                 target)
+        if not all(_is_int(n) and n >= 0 for n in spec.shape):
+            raise OrthoLoraError(f"tensor {spec.name!r}: bad shape {spec.shape}", target)
+        size = math.prod(spec.shape) * spec.dtype.itemsize
+        header[spec.name] = {"dtype": _DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def _conform(tensor: object, spec: TensorSpec, target: Path) -> torch.Tensor:
+    """Check a produced tensor's shape; return it contiguous, on the CPU, in the spec dtype."""
+    if not isinstance(tensor, torch.Tensor):
+        raise OrthoLoraError(f"tensor {spec.name!r}: got {type(tensor).__name__}, not a tensor",
+                             target)
+    if tuple(tensor.shape) != tuple(spec.shape):
+        raise OrthoLoraError(f"tensor {spec.name!r}: shape {tuple(tensor.shape)} does not match "
+                             f"the announced {tuple(spec.shape)}", target)
+    return tensor.detach().to("cpu", spec.dtype).contiguous()
+
+
+def write_safetensors_streamed(path: PathLike, specs: list[TensorSpec],
+                               produce: Callable[[str], torch.Tensor],
+                               metadata: Mapping[str, str] | None = None,
+                               overwrite: bool = False) -> None:
+    """Write a safetensors file tensor by tensor: ``produce(name)`` is called once per spec, in
+    order, and its result written and dropped, so peak memory is one tensor."""
+    target = Path(path)
+    head = _safetensors_header(specs, _check_metadata_out(metadata, target), target)
+    with atomic_output(target, overwrite) as tmp, _open_temp(tmp, target) as file:
+        _write_all(file, head, target)
+        for spec in specs:
+            tensor = _conform(produce(spec.name), spec, target)
+            _write_all(file, _tensor_bytes(tensor), target)
+            del tensor
+
+
+def _owned_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors that share no memory (as safetensors requires)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage()
+        if storage.nbytes() != tensor.nbytes or storage.data_ptr() in seen:
+            tensor = tensor.clone()
+            storage = tensor.untyped_storage()
+        seen.add(storage.data_ptr())
+        out[name] = tensor
+    return out
+
+
+def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+                ) -> dict[str, str]:
+    """kohya's ``sshs_model_hash``/``sshs_legacy_hash``: tensors saved with the ss_* metadata."""
+    training = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    blob = safetensors.torch.save(dict(tensors), training)
+    data_start = 8 + int.from_bytes(blob[:8], "little")
+    return {
+        "sshs_model_hash": hashlib.sha256(blob[data_start:]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8],
+    }
+
+
+def save_lora_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
+                          metadata: Mapping[str, str], overwrite: bool = False) -> dict[str, str]:
+    """Save a (LoRA-sized) file with fresh sshs hashes in its metadata; return that metadata."""
+    target = Path(path)
+    final = _check_metadata_out(metadata, target)
+    if not overwrite and os.path.lexists(target):
+        raise OrthoLoraError(_EXISTS, target)
+    owned = _owned_tensors(tensors)
+    final.update(sshs_hashes(owned, final))
+    blob = safetensors.torch.save(owned, final)
+    with atomic_output(target, overwrite) as tmp, _open_temp(tmp, target) as file:
+        _write_all(file, blob, target)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Output names
+
+
+def safe_output_path(folder: PathLike, name: str, suffix: str = ".safetensors") -> Path:
+    """``folder/name[suffix]`` for a name typed into a UI; refuse anything that could leave
+    ``folder`` or hide the file."""
+    name = name.strip()
+    base = Path(folder).resolve()
+
+    def refuse(problem: str) -> OrthoLoraError:
+        return OrthoLoraError(f"output name {name!r} {problem}", base)
+
+    if not name:
+        raise refuse("is empty")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise refuse("contains control characters")
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).anchor:
+        raise refuse("is an absolute path")
+    if any(c in name for c in "/\\:"):
+        raise refuse("must be a plain file name (no '/', '\\' or ':')")
+    if ".." in name:
+        raise refuse("must not contain '..'")
+    if name.startswith("."):
+        raise refuse("must not start with '.'")
+    if not name.lower().endswith(suffix.lower()):
+        name += suffix
+    if len(name.encode("utf-8")) > 255:
+        raise refuse("is too long")
+    result = base / name
+    if result.resolve().parent != base:
+        raise refuse(f"resolves outside {base}")
+    return result

@@ -1,0 +1,170 @@
+"""Read any LoRA-like file into kohya-named modules; write kohya LoRA files with full metadata."""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import OrthoLoraError
+from .fileio import open_tensors, save_lora_safetensors
+from .keys import guess_arch, name_table, resolve
+from .lowrank import LowRank
+from .modules import NetworkModule, build_module, suffix_of
+
+_BASE_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+_MODELSPEC = {"sd15": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
+              "sdxl": "stable-diffusion-xl-v1-base/lora"}
+_RESOLUTION = {"sd15": "512x512", "sd2": "512x512", "sdxl": "1024x1024"}
+_FROM_METADATA = {"sd_v1": "sd15", "sd_v2": "sd2", "sd_v2_v": "sd2", "sdxl_base_v1-0": "sdxl"}
+
+
+@dataclass
+class LoraFile:
+    """A LoRA read into memory. `modules` are keyed by kohya-native name for `arch`
+    (or by the name as written when it maps to no layer; those are listed in `unknown`)."""
+
+    path: Path | None
+    arch: str | None
+    modules: dict[str, NetworkModule]
+    metadata: dict[str, str] = field(default_factory=dict)
+    unknown: list[str] = field(default_factory=list)
+    stray_keys: list[str] = field(default_factory=list)
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem if self.path else "lora"
+
+    def lowranks(self) -> dict[str, LowRank]:
+        """Exact low-rank forms of every known module; error naming the file for those without one."""
+        out = {}
+        for name, m in self.modules.items():
+            if name in self.unknown:
+                continue
+            lr = m.lowrank()
+            if lr is None:
+                raise OrthoLoraError(f"module {name} ({m.family}) has no exact low-rank form", self.path)
+            out[name] = lr
+        return out
+
+
+def _arch_from_metadata(meta: dict[str, str]) -> str | None:
+    if meta.get("ss_base_model_version") in _FROM_METADATA:
+        return _FROM_METADATA[meta["ss_base_model_version"]]
+    spec = meta.get("modelspec.architecture", "")
+    for prefix, arch_id in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"),
+                            ("stable-diffusion-v1", "sd15")):
+        if spec.startswith(prefix):
+            return arch_id
+    return "sd2" if meta.get("ss_v2") == "True" else None
+
+
+def _sd1_or_sd2(groups: dict[str, dict[str, torch.Tensor]]) -> str:
+    """SD1 and SD2 share UNet names: SD1's proj_in/out are 1×1 convs, SD2's are Linear; SD2's
+    text encoder has more than 12 layers."""
+    for name, t in groups.items():
+        if name.replace(".", "_").endswith(("proj_in", "proj_out")):
+            down = t.get("lora_down.weight", t.get("lora_A.weight"))
+            if down is not None:
+                return "sd15" if down.dim() == 4 else "sd2"
+        if "encoder_layers_" in name.replace(".", "_"):
+            n = name.replace(".", "_").split("encoder_layers_")[1].split("_")[0]
+            if n.isdigit() and int(n) >= 12:
+                return "sd2"
+    return "sd15"
+
+
+def read_lora(path: str | Path, arch: str | None = None) -> LoraFile:
+    """Read a kohya / LyCORIS / PEFT LoRA file. Architecture: `arch`, else metadata, else names."""
+    path = Path(path)
+    with open_tensors(path) as f:
+        tensors = {k: f.get(k) for k in f.keys()}
+        meta = dict(f.metadata)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    stray = []
+    for key, value in tensors.items():
+        split = suffix_of(key)
+        if split is None:
+            stray.append(key)
+            continue
+        groups.setdefault(split[0], {})[split[1]] = value
+    if not groups:
+        raise OrthoLoraError("no LoRA modules found (not a LoRA file?)", path)
+    guessed = arch is None
+    arch = arch or _arch_from_metadata(meta) or guess_arch(list(groups))
+    if guessed and arch in ("sd15", "sd2") and not (meta.get("ss_base_model_version") or meta.get("modelspec.architecture")):
+        arch = _sd1_or_sd2(groups)
+    table = name_table(arch) if arch else {}
+    modules: dict[str, NetworkModule] = {}
+    unknown = []
+    for raw, group in groups.items():
+        name = resolve(arch, raw) if arch else None
+        target = table.get(name) if name else None
+        try:
+            module = build_module(name or raw, group, target.kernel if target else None)
+        except OrthoLoraError as e:
+            raise OrthoLoraError(e.problem, path) from None
+        if module is None:
+            stray.extend(f"{raw}.{s}" for s in group)
+            continue
+        for t in group.values():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise OrthoLoraError(f"module {raw} holds NaN or Inf values", path)
+        if name is None:
+            unknown.append(raw)
+        modules[name or raw] = module
+    return LoraFile(path, arch, modules, meta, unknown, stray)
+
+
+def lora_metadata(arch: str, lowranks: dict[str, LowRank], title: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """kohya (`ss_*`) and modelspec metadata for a LoRA written with alpha = rank."""
+    ranks = {lr.rank for name, lr in lowranks.items() if len(lr.shape) == 2 or lr.shape[2] == 1}
+    conv_ranks = {lr.rank for lr in lowranks.values() if len(lr.shape) == 4 and lr.shape[2] > 1}
+    dim = str(ranks.pop()) if len(ranks) == 1 else ("Dynamic" if ranks else "0")
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": dim,
+        "ss_network_alpha": dim,
+        "ss_v2": str(arch == "sd2"),
+        "ss_base_model_version": _BASE_VERSION[arch],
+        "ss_output_name": title,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": _MODELSPEC[arch],
+        "modelspec.title": title,
+        "modelspec.date": datetime.date.today().isoformat(),
+        "modelspec.resolution": _RESOLUTION[arch],
+        "ortholora_version": __version__,
+    }
+    if conv_ranks:
+        conv = str(conv_ranks.pop()) if len(conv_ranks) == 1 else "Dynamic"
+        meta["ss_network_args"] = json.dumps({"conv_dim": conv, "conv_alpha": conv})
+    meta.update(extra or {})
+    return meta
+
+
+def write_lora(path: str | Path, lowranks: dict[str, LowRank], arch: str, dtype: torch.dtype = torch.float16,
+               extra_metadata: dict[str, str] | None = None, overwrite: bool = False) -> dict[str, str]:
+    """Write kohya-named LoRA tensors (alpha = rank, balanced factors) atomically; returns metadata."""
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, lr in lowranks.items():
+        if lr.rank == 0:
+            continue
+        tensors.update(lr.to_kohya(name, dtype))
+    if not tensors:
+        raise OrthoLoraError("nothing to write: every module was skipped or empty", path)
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise OrthoLoraError(f"tensor {key} overflows {str(dtype).replace('torch.', '')}; "
+                                 "choose a wider output dtype", path)
+    meta = lora_metadata(arch, lowranks, path.stem, extra_metadata)
+    return save_lora_safetensors(path, tensors, meta, overwrite)
+
+
+def lora_nbytes(shape: tuple[int, ...], rank: int, itemsize: int) -> int:
+    """Bytes that `rank` directions of a layer take on disk (up + down + alpha)."""
+    return (rank * (shape[0] + math.prod(shape[1:]))) * itemsize

@@ -1,0 +1,176 @@
+"""Merge LoRAs into a checkpoint, streamed tensor by tensor (F§5).
+
+For every mapped layer W ← cast(W.float() + Σ_i m_i·dW_i) to the output dtype; open_clip q/k/v add
+into their row blocks of `in_proj_weight`; full-diff bias deltas add into the layer's bias (row
+blocks of `in_proj_bias`). Every other tensor is written back unchanged (bit-identical unless an
+output dtype is asked). Peak memory: the LoRAs plus about one checkpoint tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from .arch import Arch, Shape, detect
+from .errors import OrthoLoraError
+from .fileio import TensorSpec, check_finite, open_tensors, write_safetensors_streamed
+from .join import as_ratios
+from .keys import Target, targets
+from .lorafile import LoraFile, read_lora
+from .modules import NetworkModule
+from .progress import Progress
+from .report import Report, Row
+
+PathLike = str | os.PathLike
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """m · dW of one module (or its bias delta when `bias`), added into `rows` of a checkpoint tensor."""
+
+    module: NetworkModule
+    multiplier: float
+    rows: tuple[int, int] | None
+    bias: bool = False
+
+    def delta(self) -> torch.Tensor:
+        """dW (or the bias delta), float32, multiplier not applied."""
+        return self.module.bias_delta() if self.bias else self.module.delta()
+
+
+def bias_key(t: Target) -> str:
+    """The checkpoint key of a target layer's bias (`in_proj_bias` for open_clip q/k/v)."""
+    if t.rows:
+        return t.ckpt_key.replace("in_proj_weight", "in_proj_bias")
+    return t.ckpt_key.removesuffix(".weight") + ".bias"
+
+
+def _listing(names: Sequence[str], shown: int = 5) -> str:
+    """`3 name(s): a, b, c` (the first `shown` names)."""
+    more = " …" if len(names) > shown else ""
+    return f"{len(names)} name(s): {', '.join(names[:shown])}{more}"
+
+
+def plan_merge(arch: Arch, shapes: Mapping[str, Shape], loras: Sequence[tuple[LoraFile, float]],
+               ckpt_path: PathLike | None = None) -> tuple[dict[str, list[Contribution]], Report]:
+    """Map checkpoint key → contributions, and a report row per LoRA module (ok / unmatched).
+
+    A LoRA made for another architecture, or a module whose size differs from its layer, raises."""
+    table = {t.name: t for t in targets(arch, shapes)}
+    plan: dict[str, list[Contribution]] = {}
+    report = Report("merge")
+    for lora, mult in loras:
+        if lora.arch is not None and lora.arch != arch.id:
+            raise OrthoLoraError(f"LoRA made for {Arch(lora.arch).title} cannot merge into the {arch.title} "
+                                 f"checkpoint {ckpt_path}", lora.path)
+        unmatched = []
+        for name, module in lora.modules.items():
+            t = table.get(name) if name not in lora.unknown else None
+            row = report.add(Row(name, extra={"lora": lora.stem, "family": module.family}))
+            if t is None:
+                row.status, row.note = "unmatched", "no layer of this checkpoint has this name"
+                unmatched.append(name)
+                continue
+            size = torch.Size(module.shape).numel()
+            if size != torch.Size(t.shape).numel():
+                rows = f" (rows {t.rows[0]}:{t.rows[1]})" if t.rows else ""
+                raise OrthoLoraError(f"module {name} has shape {module.shape} but layer {t.ckpt_key}{rows} of "
+                                     f"{ckpt_path} is {t.shape}: made for another model?", lora.path)
+            plan.setdefault(t.ckpt_key, []).append(Contribution(module, mult, t.rows))
+            row.extra["layer"] = t.ckpt_key
+            if module.bias_delta() is not None:
+                key = bias_key(t)
+                if key in shapes:
+                    plan.setdefault(key, []).append(Contribution(module, mult, t.rows, bias=True))
+                else:
+                    row.note = "bias delta dropped: the layer has no bias"
+                    report.warnings.append(f"{lora.stem}: {name}: bias delta dropped (the layer has no bias)")
+        if lora.stray_keys:
+            report.warnings.append(f"{lora.stem}: ignored {_listing(lora.stray_keys)} (not part of any module)")
+        if unmatched:
+            report.warnings.append(f"{lora.stem}: {_listing(unmatched)} matched no layer")
+    return plan, report
+
+
+def merged_tensor(w: torch.Tensor, contributions: Sequence[Contribution], dtype: torch.dtype) -> torch.Tensor:
+    """cast(w.float() + Σ contributions, dtype); each contribution lands in its row block."""
+    acc = w.to(torch.float32, copy=True)
+    for c in contributions:
+        block = acc[slice(*c.rows)] if c.rows else acc
+        block.add_(c.delta().reshape(block.shape), alpha=c.multiplier)
+    return acc.to(dtype)
+
+
+def _out_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and stored.is_floating_point else stored
+
+
+def read_for(path: Path, arch_id: str) -> LoraFile:
+    """Read a LoRA; SD1 and SD2 share module names, so without architecture metadata a file guessed
+    as the other of the two is read for the checkpoint's (the shape check still guards the merge)."""
+    lf = read_lora(path)
+    decided = lf.metadata.get("ss_base_model_version") or lf.metadata.get("modelspec.architecture")
+    if {lf.arch, arch_id} == {"sd15", "sd2"} and not decided:
+        return read_lora(path, arch_id)
+    return lf
+
+
+def merge_lora(base_path: PathLike, lora_path: PathLike | Sequence[PathLike], multiplier: float | Sequence[float] = 1.0,
+               save_path: PathLike | None = None, *, dtype: torch.dtype | None = None, overwrite: bool = False,
+               progress: Progress | None = None) -> Report:
+    """Merge one or several LoRA-like files (any supported family) into a checkpoint.
+
+    `multiplier`: one value for all, or one per LoRA. `dtype`: output dtype of the floating tensors
+    (None keeps each tensor's own). Output is safetensors at `save_path` (default
+    `<base>-merged.safetensors` next to the base); the base may also be a .ckpt."""
+    base = Path(base_path)
+    paths = [Path(lora_path)] if isinstance(lora_path, (str, os.PathLike)) else [Path(p) for p in lora_path]
+    if not paths:
+        raise OrthoLoraError("no LoRA file given")
+    mults = as_ratios(multiplier, len(paths), "multiplier")
+    out = Path(save_path) if save_path is not None else base.with_name(f"{base.stem}-merged.safetensors")
+    if out.resolve() in {p.resolve() for p in (base, *paths)}:
+        raise OrthoLoraError("the output would replace one of the inputs", out)
+    with open_tensors(base) as f:
+        shapes = {k: f.shape(k) for k in f.keys()}
+        arch = detect(shapes, str(base))
+        loras = [(read_for(p, arch.id), m) for p, m in zip(paths, mults)]
+        plan, report = plan_merge(arch, shapes, loras, base)
+        if not plan:
+            raise OrthoLoraError(f"nothing to merge: no module of {', '.join(p.name for p in paths)} matches a "
+                                 f"layer of this {arch.title} checkpoint", base)
+        specs = [TensorSpec(k, _out_dtype(f.dtype(k), dtype), shapes[k]) for k in f.keys()]
+        done = 0
+
+        def produce(key: str) -> torch.Tensor:
+            nonlocal done
+            done += 1
+            if progress:
+                progress(done, len(specs), key)
+            w = f.get(key)
+            if key not in plan:
+                return w
+            merged = merged_tensor(w, plan[key], _out_dtype(w.dtype, dtype))
+            check_finite(merged, key, out)
+            return merged
+
+        meta = {k: v for k, v in f.metadata.items() if "hash" not in k.lower()}
+        meta["ortholora_merge"] = json.dumps([{"file": p.name, "multiplier": m} for p, m in zip(paths, mults)])
+        write_safetensors_streamed(out, specs, produce, meta, overwrite)
+    biases = sum(cs[0].bias for cs in plan.values())
+    report.totals.update({
+        "checkpoint": f"{base.name} ({arch.title})",
+        "loras": ", ".join(f"{p.name}×{m:g}" for p, m in zip(paths, mults)),
+        "layers_changed": len(plan) - biases,
+        "biases_changed": biases,
+        "tensors_unchanged": len(shapes) - len(plan),
+        "modules_merged": report.count("ok"),
+        "modules_unmatched": report.count("unmatched"),
+        "dtype": "kept" if dtype is None else str(dtype).replace("torch.", ""),
+    })
+    report.outputs.append(str(out))
+    return report

@@ -1,0 +1,378 @@
+"""Orthogonalize K ≥ 2 LoRAs (F§6): shared and secondary directions, λ, residuals, all exact.
+
+Objective, per layer (default): min over λ ∈ R^K and a direction v of Σ_k ‖dW_k − λ_k·v‖²_F, the
+top singular pair of the K × N matrix of flattened deltas. Solved exactly from the Gram matrix
+G = [⟨dW_i, dW_j⟩] (align.gram, from the factors): G = QΛQᵀ, λ_{k,p} = √Λ_p·Q_kp and
+v_p = Σ_k (Q_kp/√Λ_p)·dW_k, itself an exact concatenated LoRA. Direction p is the optimum after
+removing directions 1…p−1 (the seed's "secondary" is p = 2); the v_p are mutually orthogonal and
+Σ_p λ_{k,p}·v_p = dW_k over all p. Each direction's sign makes Σ_k λ_{k,p} > 0 and its scale
+makes mean_k |λ_{k,p}| = 1 over the LoRAs present in the layer (for the principal direction, whose
+λ usually share a sign, that is mean λ = 1); v absorbs the inverse. Directions with
+√Λ_p ≤ NULL·√tr G are numerically zero and dropped (λ = 0). A LoRA without the layer
+counts as a zero delta. Equal eigenvalues (e.g. K equally strong private parts) leave the
+secondary direction non-unique: any unit vector of that eigenspace is optimal.
+
+Global λ (`global_lambda=True`): one scale per LoRA shared by every layer,
+min over λ ∈ R^K and v = (v_l) of Σ_l Σ_k ‖dW_{k,l} − λ_k·v_l‖²_F, each weight counting once (the
+later Ortho-LoRA code fitted the same model by alternating steps, averaging each tensor's
+squared error, i.e. weighting a layer by 1/numel). Its exact optimum is the eigen-decomposition of
+ΣG_l: the same formulas with one λ for all layers; directions are orthogonal summed over the file,
+not layer by layer, and large layers dominate the fit.
+
+Outputs (each an exact combination Σ_k w_k·dW_k, compressed by an SVD of a small core, see
+`compress`): `shared` = v_1; `direction{p}` = v_p; `{stem}_residual` = dW_k − λ_{k,1}·v_1, so that
+residual_k + λ_{k,1}·shared = input_k exactly. Every file's metadata `ortholora_ortho` (JSON)
+holds the sources and λ for all K directions: input_k = Σ_p lambda[k][p]·direction_p.
+
+What the residuals are. They are orthogonal to the shared direction, so the shared LoRA's weight
+can be turned without touching them; they are not independent private parts. With K = 2 one
+dimension is left after removing v_1: r_1 = λ_12·v_2 and r_2 = λ_22·v_2 are exactly anti-aligned
+(cosine −1 whenever the inputs' cosine is positive); with equal norms r_1 = −r_2 = (dW_1 − dW_2)/2,
+the "A versus B" contrast. So for K = 2 the useful outputs are shared + secondary (a common LoRA
+and an A-vs-B slider) with λ, which rebuild both inputs exactly. For K > 2, in the model
+dW_k = S + P_k with mutually orthogonal private parts of equal norm, v_1 = S + P̄ and
+r_k = P_k − P̄ (P̄ the mean private part): S is recovered up to P̄ (relative error ‖P‖/(√K·‖S‖)),
+each private part up to the common P̄, and the residuals' mutual cosine is −1/(K−1), the least
+alignment K vectors can have in the K−1 dimensions left (a regular simplex): removing the shared
+part takes |cos| from ≈ 1 to 1/(K−1), near 0 only for many LoRAs. The alignment report shows it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from . import align
+from .errors import OrthoLoraError
+from .fileio import safe_output_path
+from .keys import name_table
+from .lorafile import LoraFile, read_lora, write_lora
+from .lowrank import LowRank, balanced
+from .modules import NetworkModule
+from .progress import Progress
+from .rank import RankPolicy
+from .report import Report, Row
+
+NULL = 1e-7  # a direction with √Λ_p ≤ NULL·√tr G is numerically zero (eigh is exact to ~1e-8 of it)
+EPS = 1e-12  # singular values ≤ EPS·Σ_k |w_k|·‖dW_k‖ are float64 rounding noise of a combination
+
+
+@dataclass(frozen=True)
+class Directions:
+    """The solution in the span of K deltas: v_p = Σ_k coef[k, p]·dW_k and dW_k = Σ_p lam[k, p]·v_p
+    (both [K, K], direction p in column p, zero columns for null directions)."""
+
+    lam: torch.Tensor
+    coef: torch.Tensor
+
+    def residual_weights(self) -> torch.Tensor:
+        """A = I − λ_{:,1}·coef_{:,1}ᵀ: row k expresses dW_k − λ_{k,1}·v_1 in the inputs."""
+        return torch.eye(len(self.lam), dtype=self.lam.dtype) - self.lam[:, :1] @ self.coef[:, :1].T
+
+    def residual_gram(self, g: torch.Tensor) -> torch.Tensor:
+        """Gram of the residuals, A·G·Aᵀ."""
+        a = self.residual_weights()
+        return a @ g @ a.T
+
+    def explained(self, g: torch.Tensor) -> list[float]:
+        """Share of tr G in each λ_p·v_p: ‖λ_{:,p}‖²·coef_pᵀ·G·coef_p / tr G (Λ_p / tr G per layer)."""
+        total = float(g.trace())
+        e = self.lam.square().sum(0) * torch.einsum("kp,kj,jp->p", self.coef, g, self.coef)
+        return [float(v) / total if total > 0 else 0.0 for v in e]
+
+
+def solve(g: torch.Tensor) -> Directions:
+    """Exact directions of a Gram matrix (float64): eigen-decomposition, signs Σλ > 0 (ties: the
+    largest |λ| positive), scale mean |λ| = 1 over the LoRAs with energy, null directions zeroed."""
+    k = len(g)
+    evals, q = torch.linalg.eigh(g.double())
+    evals, q = evals.flip(0), q.flip(1)
+    present = g.diagonal() > 0
+    lam = torch.zeros(k, k, dtype=torch.float64)
+    coef = torch.zeros(k, k, dtype=torch.float64)
+    floor = NULL**2 * float(g.trace())
+    for p in range(k):
+        if not evals[p] > floor:
+            continue
+        root = float(evals[p].sqrt())
+        l, c = q[:, p] * root, q[:, p] / root
+        total = float(l.sum())
+        sign = math.copysign(1.0, total if abs(total) > 1e-12 * float(l.abs().sum()) else float(l[l.abs().argmax()]))
+        m = float(l[present].abs().mean())
+        lam[:, p], coef[:, p] = sign * l / m, sign * c * m
+    return Directions(lam, coef)
+
+
+@dataclass(frozen=True)
+class Basis:
+    """One layer's K deltas in a shared orthonormal frame: with the concatenated form U·D
+    (align.stack), U = Qu·Ru and Dᵀ = Qd·Rd, so Σ_k w_k·dW_k = Qu·(Ru·diag(w[owner])·Rdᵀ)·Qdᵀ."""
+
+    qu: torch.Tensor
+    qd: torch.Tensor
+    ru: torch.Tensor
+    rd: torch.Tensor
+    owner: torch.Tensor
+
+
+def basis(parts: Sequence[LowRank | None]) -> Basis:
+    """Two float64 QRs per layer, shared by every output of the layer."""
+    up, down, owner = align.stack(parts)
+    qu, ru = torch.linalg.qr(up)
+    qd, rd = torch.linalg.qr(down.T)
+    return Basis(qu.float(), qd.float(), ru, rd, owner)
+
+
+def compress(b: Basis, w: torch.Tensor, shape: tuple[int, ...], policy: RankPolicy | None,
+             floor: float) -> tuple[LowRank | None, float]:
+    """Σ_k w_k·dW_k as balanced factors: SVD Uc·S·Vcᵀ of the core Ru·diag(w[owner])·Rdᵀ (R×R),
+    U = Qu·Uc, Vᵀ = Vcᵀ·Qdᵀ (the QR-factor SVD of F§4 with one QR pair for all outputs). Singular
+    values ≤ `floor` are rounding noise; `policy` (None: keep the rest, exact) picks the rank.
+    Returns the factors (None when rank 0) and the relative Frobenius error of the truncation."""
+    uc, s, vch = torch.linalg.svd((b.ru * w[b.owner]) @ b.rd.T, full_matrices=False)
+    keep = int((s > floor).sum())
+    r = min(policy.choose(s[:keep], shape), keep) if policy is not None and keep else keep
+    kept = float(s[:keep].square().sum())
+    err = math.sqrt(float(s[r:keep].square().sum()) / kept) if kept > 0 else 0.0
+    if r == 0:
+        return None, err
+    u, vh = b.qu @ uc[:, :r].float(), vch[:r].float() @ b.qd.T
+    return balanced(u, s[:r].float(), vh, shape), err
+
+
+def directions_of(grams: dict[str, torch.Tensor], global_lambda: bool) -> dict[str, Directions]:
+    """Per-layer solutions, or the one solution of ΣG_l shared by every layer."""
+    if global_lambda:
+        k = len(next(iter(grams.values()))) if grams else 0
+        one = solve(sum(grams.values(), torch.zeros(k, k, dtype=torch.float64)))
+        return {name: one for name in grams}
+    return {name: solve(g) for name, g in grams.items()}
+
+
+def output_weights(d: Directions, directions: int, residuals: bool) -> dict[str, torch.Tensor]:
+    """Output key → its weights w over the inputs: `shared` / `direction{p}` = coef[:, p−1],
+    `residual{k}` = row k of I − λ_{:,1}·coef_{:,1}ᵀ."""
+    out = {("shared" if p == 0 else f"direction{p + 1}"): d.coef[:, p] for p in range(directions)}
+    if residuals:
+        out.update({f"residual{k}": row for k, row in enumerate(d.residual_weights())})
+    return out
+
+
+def build_outputs(layers: Iterable[tuple[str, list[LowRank | None]]], grams: dict[str, torch.Tensor],
+                  sols: dict[str, Directions], directions: int, residuals: bool, policy: RankPolicy | None,
+                  dtype: torch.dtype) -> Iterator[tuple[str, dict[str, LowRank], float]]:
+    """Per layer: its outputs {key: LowRank} (factors already in `dtype`; rank-0 outputs left out)
+    and the largest relative truncation error among them."""
+    for name, parts in layers:
+        norms = grams[name].diagonal().clamp_min(0).sqrt()
+        if not float(norms.sum()) > 0:
+            yield name, {}, 0.0
+            continue
+        b = basis(parts)
+        shape = next(tuple(p.shape) for p in parts if p is not None)
+        found, worst = {}, 0.0
+        for key, w in output_weights(sols[name], directions, residuals).items():
+            lr, err = compress(b, w, shape, policy, EPS * float(w.abs() @ norms))
+            worst = max(worst, err)
+            if lr is not None:
+                found[key] = LowRank(lr.up.to(dtype), lr.down.to(dtype), 1.0, shape)
+        yield name, found, worst
+
+
+def alignment_report(stems: list[str], arch: str, grams: dict[str, torch.Tensor], ranks: dict[str, int],
+                     sols: dict[str, Directions], global_lambda: bool) -> Report:
+    """Rows per layer (cosines, λ_{·,1}, shares) and `data` with the K×K matrices per layer, per
+    block and over the file, before and after removing the shared direction (see `align`)."""
+    table = name_table(arch)
+    report = Report("ortho", totals={"architecture": arch, "loras": len(stems),
+                                     "lambda": "global" if global_lambda else "per layer", "layers": len(grams)})
+    entries, per_layer = [], []
+    for name, g in grams.items():
+        d, block = sols[name], table[name].block
+        row = report.add(Row(name, old_rank=ranks[name], extra={"block": block}))
+        if float(g.trace()) <= 0:
+            row.status, row.note = "skipped", "zero in every LoRA"
+            continue
+        r = d.residual_gram(g)
+        entries.append((block, g, r))
+        layer = {"module": name, "block": block, **align.scope(g, r), "lambda": d.lam.tolist(),
+                 "explained": d.explained(g)}
+        per_layer.append(layer)
+        row.extra.update({"cos": align.mean_offdiag(layer["before"]), "cos_after": align.mean_offdiag(layer["after"]),
+                          "lambda": " ".join(f"{x:.3g}" for x in d.lam[:, 0].tolist()),
+                          "share": " ".join("-" if x is None else f"{x:.3g}" for x in layer["share"])})
+    zero = torch.zeros(len(stems), len(stems), dtype=torch.float64)
+    whole = align.scope(sum((g for _, g, _ in entries), zero), sum((r for _, _, r in entries), zero))
+    report.totals.update({"cos_file": align.mean_offdiag(whole["before"]),
+                          "cos_file_after": align.mean_offdiag(whole["after"]),
+                          "share_file": [None if x is None else round(x, 4) for x in whole["share"]]})
+    if global_lambda and sols:
+        report.totals["lambda_global"] = [round(x, 4) for x in next(iter(sols.values())).lam[:, 0].tolist()]
+    report.data = {
+        "loras": stems, "lambda_mode": report.totals["lambda"],
+        "cosine": "cos_ij = sum_l <dW_il, dW_jl>_F / sqrt(sum_l |dW_il|_F^2 * sum_l |dW_jl|_F^2) over the scope's "
+                  "layers (one layer, a block, the file); null where a LoRA has no delta in the scope",
+        "after": "the same cosines for the residuals dW_k - lambda_k1 * v_1",
+        "share": "1 - sum_l |residual_kl|_F^2 / sum_l |dW_kl|_F^2: LoRA k's energy in the shared direction",
+        "file": whole, "blocks": align.by_block(entries), "layers": per_layer}
+    return report
+
+
+def _common_arch(files: list[LoraFile]) -> str:
+    for f in files:
+        if f.arch is None:
+            raise OrthoLoraError("cannot tell which architecture this LoRA is for", f.path)
+    if len({f.arch for f in files}) > 1:
+        listing = ", ".join(f"{f.path.name} ({f.arch})" for f in files)
+        raise OrthoLoraError(f"LoRAs of different architectures cannot be orthogonalized: {listing}",
+                             next(f.path for f in files if f.arch != files[0].arch))
+    return files[0].arch
+
+
+def _modules(files: list[LoraFile], arch: str) -> dict[str, list[NetworkModule | None]]:
+    """Module name → one module per file (None where absent), in the architecture's layer order."""
+    out = {}
+    for name in name_table(arch):
+        mods = [f.modules.get(name) for f in files]
+        present = [(f, m) for f, m in zip(files, mods) if m is not None]
+        for f, m in present[1:]:
+            if m.shape != present[0][1].shape:
+                raise OrthoLoraError(f"module {name} is {m.shape} here but {present[0][1].shape} in "
+                                     f"{present[0][0].path.name}", f.path)
+        if present:
+            out[name] = mods
+    return out
+
+
+def _lowranks(name: str, mods: list[NetworkModule | None], files: list[LoraFile]) -> list[LowRank | None]:
+    """Exact low-rank forms, made on demand (the files keep their compact storage)."""
+    out = []
+    for m, f in zip(mods, files):
+        lr = m.lowrank() if m is not None else None
+        if m is not None and lr is None:
+            raise OrthoLoraError(f"module {name} ({m.family}) has no exact low-rank form", f.path)
+        out.append(lr)
+    return out
+
+
+def _output_paths(paths: list[Path], out_dir: str | Path, directions: int, residuals: bool, prefix: str,
+                  overwrite: bool) -> dict[str, Path]:
+    """Output key → path; existing files are refused before any work unless `overwrite`."""
+    stems = [p.stem for p in paths]
+    names = {("shared" if p == 0 else f"direction{p + 1}"): f"{prefix}_{'shared' if p == 0 else f'direction{p + 1}'}"
+             for p in range(directions)}
+    if residuals:
+        unique = len(set(stems)) == len(stems)
+        names.update({f"residual{k}": f"{s if unique else f'{k + 1}_{s}'}_{prefix}_residual" for k, s in enumerate(stems)})
+    out = {key: safe_output_path(out_dir, name) for key, name in names.items()}
+    for path in out.values():
+        if path.exists() and not overwrite:
+            raise OrthoLoraError("exists; pass overwrite to replace it", path)
+    return out
+
+
+def _metadata(key: str, stems: list[str], paths: list[Path], sols: dict[str, Directions], global_lambda: bool,
+              policy: RankPolicy | None) -> dict[str, str]:
+    """`ortholora_ortho` JSON: mode, role, sources, λ for all K directions (per module, or one
+    K×K list with a global λ), plus the kohya/modelspec provenance keys."""
+    def table(d: Directions) -> list[list[float]]:
+        return [[float(f"{x:.9g}") for x in row] for row in d.lam.tolist()]
+
+    role = ({"role": "shared", "direction": 1} if key == "shared" else
+            {"role": "direction", "direction": int(key[9:])} if key.startswith("direction") else
+            {"role": "residual", "source": int(key[8:])})
+    info = {"version": 1, **role, "mode": "global" if global_lambda else "layer",
+            "sources": [{"name": s, "file": p.name} for s, p in zip(stems, paths)],
+            "policy": policy.describe() if policy else "exact",
+            "rebuild": "input_k = sum_p lambda[k][p] * direction_p = residual_k + lambda[k][0] * shared",
+            "lambda": table(next(iter(sols.values()))) if global_lambda else {n: table(d) for n, d in sols.items()}}
+    return {"ortholora_operation": "ortho", "modelspec.merged_from": ", ".join(stems),
+            "ortholora_ortho": json.dumps(info, separators=(",", ":"))}
+
+
+class _Steps:
+    """Counts work done for a `Progress` whose total grows as it becomes known."""
+
+    def __init__(self, progress: Progress | None, total: int):
+        self.progress, self.done, self.total = progress, 0, total
+
+    def __call__(self, what: str) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress(self.done, self.total, what)
+
+
+def ortho_lora(paths: Sequence[str | Path], out_dir: str | Path | None = None, *, directions: int = 2,
+               residuals: bool = True, global_lambda: bool = False, policy: RankPolicy | None = None,
+               dtype: torch.dtype = torch.float16, prefix: str = "ortho", overwrite: bool = False,
+               progress: Progress | None = None) -> Report:
+    """Orthogonalize K ≥ 2 LoRA files of one architecture and report their alignment. With
+    `out_dir`, write `{prefix}_shared` (v_1), `{prefix}_direction{p}` for 2 ≤ p ≤ `directions`
+    and, with `residuals`, `{stem}_{prefix}_residual` (= input − λ_{·,1}·shared) per input.
+    `policy` compresses every output (None: full rank, exact). `report.data`: heatmap data."""
+    start = time.perf_counter()
+    paths = [Path(p) for p in paths]
+    if len(paths) < 2:
+        raise OrthoLoraError(f"orthogonalization needs at least two LoRAs, got {len(paths)}")
+    if not 0 <= directions <= len(paths):
+        raise OrthoLoraError(f"directions must be between 0 and the number of LoRAs ({len(paths)}), got {directions}")
+    targets = _output_paths(paths, out_dir, directions, residuals, prefix, overwrite) if out_dir is not None else {}
+    step = _Steps(progress, len(paths))
+    files = []
+    for p in paths:
+        files.append(read_lora(p))
+        step(p.name)
+    arch = _common_arch(files)
+    modules = _modules(files, arch)
+    step.total += len(modules) * (2 if targets else 1) + len(targets)
+    grams, ranks = {}, {}
+    for name, mods in modules.items():
+        parts = _lowranks(name, mods, files)
+        grams[name], ranks[name] = align.gram(parts), sum(p.rank for p in parts if p is not None)
+        step(name)
+    sols = directions_of(grams, global_lambda)
+    stems = [f.stem for f in files]
+    report = alignment_report(stems, arch, grams, ranks, sols, global_lambda)
+    report.totals.update({"directions": directions, "policy": policy.describe() if policy else "exact"})
+    unknown = sum(len(f.unknown) for f in files)
+    if unknown:
+        report.warnings.append(f"{unknown} modules map to no {arch} layer and were left out")
+    if targets:
+        _write(files, modules, grams, sols, targets, arch, directions, residuals, global_lambda, policy, dtype,
+               overwrite, report, step)
+    report.totals["seconds"] = round(time.perf_counter() - start, 2)
+    return report
+
+
+def _write(files: list[LoraFile], modules: dict[str, list[NetworkModule | None]], grams: dict[str, torch.Tensor],
+           sols: dict[str, Directions], targets: dict[str, Path], arch: str, directions: int, residuals: bool,
+           global_lambda: bool, policy: RankPolicy | None, dtype: torch.dtype, overwrite: bool, report: Report,
+           step: _Steps) -> None:
+    """Compress every output layer by layer, then write one file per output (freed once written)."""
+    outputs: dict[str, dict[str, LowRank]] = {key: {} for key in targets}
+    rows = {r.module: r for r in report.rows}
+    layers = ((name, _lowranks(name, mods, files)) for name, mods in modules.items())
+    for name, found, err in build_outputs(layers, grams, sols, directions, residuals, policy, dtype):
+        for key, lr in found.items():
+            outputs[key][name] = lr
+        if found:
+            rows[name].rel_error = err
+            rows[name].rank = found["shared"].rank if "shared" in found else None
+        step(name)
+    errors = [r.rel_error for r in report.rows if r.rel_error is not None]
+    report.totals["max_rel_error"] = max(errors, default=0.0)
+    stems, paths = [f.stem for f in files], [f.path for f in files]
+    next(iter(targets.values())).parent.mkdir(parents=True, exist_ok=True)
+    for key, path in targets.items():
+        found = outputs.pop(key)
+        if found:
+            write_lora(path, found, arch, dtype, _metadata(key, stems, paths, sols, global_lambda, policy), overwrite)
+            report.outputs.append(str(path))
+        else:
+            report.warnings.append(f"{key} is zero in every layer; {path.name} was not written")
+        step(path.name)

@@ -1,0 +1,49 @@
+"""The few places where gradio 3.41 (A1111) and 4.x (Forge) differ, in one file."""
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+
+import gradio as gr
+
+
+@lru_cache(maxsize=None)
+def major() -> int:
+    try:
+        return int(str(gr.__version__).split(".")[0])
+    except ValueError:
+        return 3
+
+
+@lru_cache(maxsize=None)
+def _params(cls) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.__init__).parameters)
+
+
+def component(cls, **kwargs):
+    """`cls(**kwargs)` without the keyword arguments this gradio version does not know."""
+    known = _params(cls)
+    return cls(**{k: v for k, v in kwargs.items() if k in known})
+
+
+def on_load_js(blocks, code: str) -> None:
+    """Run `code` (a JS function expression) once the page has loaded (standalone server only:
+    the webui injects javascript/*.js itself)."""
+    if major() >= 4:
+        blocks.load(None, None, None, js=code)
+    else:
+        blocks.load(None, None, None, _js=code)
+
+
+def queue(blocks, workers: int = 4):
+    """Enable the queue with a few workers (gradio 3's default of one would serialize every event)."""
+    if major() >= 4:
+        return blocks.queue(default_concurrency_limit=workers)
+    return blocks.queue(concurrency_count=workers)
+
+
+def event_kwargs(**kwargs) -> dict:
+    """Event options valid on this version (e.g. `concurrency_limit` exists only in gradio 4)."""
+    if major() < 4:
+        kwargs.pop("concurrency_limit", None)
+    return kwargs

@@ -1,0 +1,122 @@
+"""Model files the tab may read and write: listings for the dropdowns, and the only ways a name
+typed into the UI or sent to the API becomes a path (inputs must be listed files; outputs go
+through `fileio.safe_output_path`, so neither can leave the models folders)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import OrthoLoraError
+from ..fileio import safe_output_path
+from .config import UiConfig
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+CKPT_SUFFIXES = (".safetensors", ".ckpt")
+OVERWRITE_HINT = "tick “Overwrite existing files” (API: \"overwrite\": true) to replace it"
+
+
+def _walk(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    """{relative posix path: file} of every file with one of `suffixes` below `folder`, sorted."""
+    found: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or not name.lower().endswith(suffixes):
+                continue
+            path = Path(root) / name
+            found[path.relative_to(folder).as_posix()] = path
+    return dict(sorted(found.items(), key=lambda kv: kv[0].lower()))
+
+
+def _lookup(listing: dict[str, Path], name: str, what: str, folder: Path) -> Path:
+    """A listed file by its label, its label without extension, or a unique stem."""
+    if not isinstance(name, str) or not name.strip():
+        raise OrthoLoraError(f"no {what} chosen")
+    key = name.strip().replace("\\", "/")
+    if key in listing:
+        return listing[key]
+    stripped = {k.rsplit(".", 1)[0]: p for k, p in listing.items()}
+    if key in stripped:
+        return stripped[key]
+    stems = [p for p in listing.values() if p.stem == key]
+    if len(stems) == 1:
+        return stems[0]
+    if len(stems) > 1:
+        raise OrthoLoraError(f"{what} name {name!r} is ambiguous; use its path relative to {folder}")
+    raise OrthoLoraError(f"no {what} named {name!r} in {folder} (refresh the list?)")
+
+
+class Folders:
+    """Listings and path resolution for one `UiConfig`."""
+
+    def __init__(self, cfg: UiConfig):
+        self.cfg = cfg
+
+    # --- listings (labels shown in the dropdowns)
+    def loras(self) -> dict[str, Path]:
+        return _walk(self.cfg.lora_dir, LORA_SUFFIXES)
+
+    def checkpoints(self) -> dict[str, Path]:
+        if self.cfg.list_checkpoints is not None:
+            try:
+                listed = {str(k): Path(v) for k, v in (self.cfg.list_checkpoints() or {}).items()}
+            except Exception:  # noqa: BLE001 - a host listing that fails falls back to the folders
+                listed = {}
+            if listed:
+                return listed
+        found: dict[str, Path] = {}
+        for folder in self.cfg.ckpt_dirs:
+            for label, path in _walk(folder, CKPT_SUFFIXES).items():
+                found.setdefault(label, path)
+        return found
+
+    def lora_names(self) -> list[str]:
+        return list(self.loras())
+
+    def checkpoint_names(self) -> list[str]:
+        return list(self.checkpoints())
+
+    # --- inputs
+    def lora(self, name: str) -> Path:
+        return _lookup(self.loras(), name, "LoRA", self.cfg.lora_dir)
+
+    def lora_list(self, names) -> list[Path]:
+        if isinstance(names, str):
+            names = [names]
+        if not names:
+            raise OrthoLoraError("no LoRA chosen")
+        return [self.lora(n) for n in names]
+
+    def checkpoint(self, name: str) -> Path:
+        where = ", ".join(map(str, self.cfg.ckpt_dirs)) or "the checkpoint folder"
+        return _lookup(self.checkpoints(), name, "checkpoint", Path(where))
+
+    def lora_label(self, path: str | os.PathLike) -> str | None:
+        """The dropdown label of a file in the LoRA folder (None if it is not there)."""
+        try:
+            return Path(path).resolve().relative_to(self.cfg.lora_dir.resolve()).as_posix()
+        except ValueError:
+            return None
+
+    # --- outputs
+    def lora_output(self, name: str, overwrite: bool = False) -> Path:
+        return self._output(self.cfg.lora_dir, name, overwrite)
+
+    def checkpoint_output(self, name: str, overwrite: bool = False) -> Path:
+        return self._output(self.cfg.ckpt_out_dir, name, overwrite)
+
+    def lora_prefix(self, prefix: str) -> str:
+        """A name prefix for several outputs (ortho); the same rules as one output name."""
+        return safe_output_path(self.cfg.lora_dir, prefix, suffix="").name
+
+    @staticmethod
+    def _output(folder: Path, name: str, overwrite: bool) -> Path:
+        if not isinstance(name, str):
+            raise OrthoLoraError("output name must be text")
+        path = safe_output_path(folder, name)
+        if not overwrite and os.path.lexists(path):
+            raise OrthoLoraError(f"exists; {OVERWRITE_HINT}", path)
+        folder.mkdir(parents=True, exist_ok=True)
+        return path

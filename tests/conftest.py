@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny synthetic checkpoints (real key names, widths / 16), built once per session."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lib_ortholora.synth import DeltaSpec, write_pair  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory):
+    """fp32 base/tuned pairs per architecture, delta = exact rank-8 (no noise) on every target."""
+    made = {}
+
+    def get(arch: str, noise: float = 0.0):
+        key = (arch, noise)
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"{arch}_{noise}")
+            made[key] = write_pair(arch, folder, dtype=torch.float32, deltas=DeltaSpec(noise=noise))
+        return made[key]
+
+    return get

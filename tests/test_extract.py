@@ -1,0 +1,141 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+from lib_ortholora import arch as _arch
+from lib_ortholora.errors import OrthoLoraError
+from lib_ortholora.extract import extract_lora
+from lib_ortholora.fileio import open_tensors
+from lib_ortholora.keys import targets
+from lib_ortholora.lorafile import read_lora
+from lib_ortholora.lowrank import rel_error
+from lib_ortholora.synth import DeltaSpec, delta, write_pair
+from lib_ortholora.svd import exact_svd
+
+
+def _layers(base_path, tuned_path):
+    with open_tensors(base_path) as b, open_tensors(tuned_path) as t:
+        shapes = {k: b.shape(k) for k in b.keys()}
+        for tg in targets(_arch.detect(shapes), shapes):
+            rows = slice(*tg.rows) if tg.rows else slice(None)
+            yield tg, b.get(tg.ckpt_key)[rows].float(), t.get(tg.ckpt_key)[rows].float()
+
+
+@pytest.mark.parametrize("arch_id", ["sd15", "sd2", "sdxl"])
+def test_base_plus_lora_reconstructs_tuned(pairs, tmp_path, arch_id):
+    base, tuned = pairs(arch_id)
+    out = tmp_path / "x.safetensors"
+    report = extract_lora(base, tuned, 8, min_dim=1, max_dim=None, save_path=out, dtype=torch.float32)
+    lora = read_lora(out)
+    assert lora.arch == arch_id and not lora.unknown
+    assert report.totals["modules"] == len(lora.modules) == len(targets(_arch.Arch(arch_id), _arch.spec(arch_id, 16)))
+    for tg, w0, w1 in _layers(base, tuned):
+        merged = w0 + lora.modules[tg.name].delta()
+        assert rel_error(merged - w0, w1 - w0) < 1e-3, tg.name
+
+
+def test_error_within_one_percent_of_exact_svd(pairs, tmp_path):
+    base, tuned = pairs("sd15", noise=0.3)
+    out = tmp_path / "x.safetensors"
+    extract_lora(base, tuned, "fraction=0.25,min=4,max=12", save_path=out, dtype=torch.float32, svd="randomized")
+    lora = read_lora(out)
+    checked = 0
+    for tg, w0, w1 in _layers(base, tuned):
+        d = (w1 - w0).reshape(tg.shape[0], -1)
+        r = lora.modules[tg.name].rank
+        u, s, vh = exact_svd(d)
+        best = rel_error((u[:, :r] * s[:r]) @ vh[:r], d)
+        ours = rel_error(lora.modules[tg.name].delta().reshape(d.shape), d)
+        assert ours <= best * 1.01 + 1e-6, tg.name
+        checked += 1
+    assert checked == 350
+
+
+def test_ranks_follow_policy_and_conv_policy(pairs, tmp_path):
+    base, tuned = pairs("sd15")
+    report = extract_lora(base, tuned, 4, min_dim=1, max_dim=None, conv_dim=2, save_path=tmp_path / "a.safetensors")
+    by_name = {r.module: r for r in report.rows}
+    assert by_name["lora_unet_down_blocks_0_resnets_0_conv1"].rank == 2  # 3×3 conv
+    assert by_name["lora_unet_down_blocks_0_resnets_0_time_emb_proj"].rank == 4  # linear in a resnet
+    assert by_name["lora_unet_down_blocks_0_attentions_0_proj_in"].rank == 4  # 1×1 conv
+    report = extract_lora(base, tuned, 4, min_dim=1, max_dim=None, conv=False, save_path=tmp_path / "b.safetensors")
+    assert report.totals["modules"] == 72 + 192
+    lora = read_lora(tmp_path / "a.safetensors")
+    assert lora.modules["lora_unet_down_blocks_0_resnets_0_conv1"].down.shape[1:] == (20, 3, 3)
+    assert lora.modules["lora_unet_down_blocks_0_resnets_0_conv1"].up.shape[2:] == (1, 1)
+
+
+def test_sv_ratio_policy_finds_true_rank(pairs, tmp_path):
+    base, tuned = pairs("sd15")  # exact rank-8 deltas with σ_i ∝ 0.8^i
+    report = extract_lora(base, tuned, "sv_ratio=1000", save_path=tmp_path / "x.safetensors", conv=False)
+    ranks = {r.rank for r in report.rows if r.status == "ok"}
+    assert ranks == {8}
+
+
+def test_unchanged_text_encoder_is_reported(tmp_path):
+    base, tuned = write_pair("sd15", tmp_path, dtype=torch.float32, deltas=DeltaSpec(text_rel=0.0, conv=False))
+    report = extract_lora(base, tuned, 4, save_path=tmp_path / "x.safetensors")
+    skipped = [r for r in report.rows if r.status == "skipped"]
+    assert report.totals["skipped_text_encoder"] == 72
+    assert len(skipped) == 72 + 86 and all("unchanged" in r.note for r in skipped)
+    assert report.warnings and "158 unchanged modules skipped" in report.warnings[0]
+
+
+def test_known_delta_is_what_synth_says(pairs):
+    base, tuned = pairs("sd2")
+    for tg, w0, w1 in list(_layers(base, tuned))[:20]:
+        assert torch.allclose(w1 - w0, delta(tg, 0, DeltaSpec(noise=0.0)), atol=1e-5)
+
+
+def test_ckpt_inputs(pairs, tmp_path):
+    base, tuned = pairs("sd15")
+    paths = []
+    for p in (base, tuned):
+        with open_tensors(p) as f:
+            sd = {k: f.get(k) for k in f.keys()}
+        out = tmp_path / (p.stem + ".ckpt")
+        torch.save({"state_dict": sd}, out)
+        paths.append(out)
+    report = extract_lora(*paths, 4, save_path=tmp_path / "x.safetensors")
+    assert report.totals["modules"] == 350
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/ortholora_pwned",))
+
+
+def test_malicious_ckpt_refused(pairs, tmp_path):
+    base, _ = pairs("sd15")
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"state_dict": _Evil()}))
+    with pytest.raises(OrthoLoraError, match="evil.ckpt"):
+        extract_lora(base, evil, 4, save_path=tmp_path / "x.safetensors")
+    assert not os.path.exists("/tmp/ortholora_pwned")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_mismatched_architectures(pairs, tmp_path):
+    with pytest.raises(OrthoLoraError, match="SD1.x.*SDXL|SDXL.*SD1.x"):
+        extract_lora(pairs("sd15")[0], pairs("sdxl")[1], 4, save_path=tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_refuses_to_overwrite(pairs, tmp_path):
+    out = tmp_path / "x.safetensors"
+    out.write_bytes(b"keep me")
+    with pytest.raises(OrthoLoraError, match="exists"):
+        extract_lora(*pairs("sd15"), 4, save_path=out)
+    assert out.read_bytes() == b"keep me"
+    extract_lora(*pairs("sd15"), 4, save_path=out, overwrite=True)
+    assert read_lora(out).arch == "sd15"
+
+
+def test_demo_cli(tmp_path, capsys):
+    from lib_ortholora.cli import main
+    assert main(["demo", "-o", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "roundtrip_rel_error" in out and (tmp_path / "demo_lora.safetensors").exists()
+    assert main(["extract", str(tmp_path / "x"), str(tmp_path / "y"), "-o", str(tmp_path / "z.safetensors")]) == 2
