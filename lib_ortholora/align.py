@@ -24,7 +24,8 @@ def stack(parts: Sequence[LowRank | None]) -> tuple[torch.Tensor, torch.Tensor, 
     folded in, down [R, in·k²], and owner [R], the index in `parts` of each rank column."""
     present = [(k, p) for k, p in enumerate(parts) if p is not None and p.rank]
     if not present:
-        return torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+        empty = torch.zeros(0, 0, dtype=torch.float64)
+        return empty, empty, torch.zeros(0, dtype=torch.long)
     up = torch.cat([p.up.double().reshape(p.up.shape[0], -1) * p.scale for _, p in present], 1)
     down = torch.cat([p.down.double().reshape(p.rank, -1) for _, p in present], 0)
     owner = torch.cat([torch.full((p.rank,), k, dtype=torch.long) for k, p in present])

@@ -8,7 +8,9 @@ convs may follow their own policy or be left out.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -19,7 +21,7 @@ from .keys import Target, targets
 from .lorafile import write_lora
 from .lowrank import LowRank, balanced
 from .progress import Progress
-from .rank import RankPolicy, parse_policy
+from .rank import RankPolicy, as_policy
 from .report import Report, Row
 from .svd import exact_svd, truncated_svd
 
@@ -32,17 +34,6 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     except RuntimeError:
         raise OrthoLoraError(f"unknown device {device!r}; use cpu, cuda or auto") from None
-
-
-def policy_of(value: RankPolicy | str | float | int, min_dim: int = 1, max_dim: int | None = None) -> RankPolicy:
-    """A rank policy from a policy, a policy string, an int rank (fixed) or a float fraction < 1."""
-    if isinstance(value, RankPolicy):
-        return value
-    if isinstance(value, str):
-        return parse_policy(value)
-    if isinstance(value, float) and value < 1:
-        return RankPolicy("fraction", value, min_dim, max_dim)
-    return RankPolicy("fixed", float(value), min_dim, max_dim)
 
 
 def decompose(d: torch.Tensor, shape: tuple[int, ...], policy: RankPolicy, svd: str = "auto") -> tuple[LowRank, float]:
@@ -68,6 +59,22 @@ def _pair_arch(base: TensorFile, tuned: TensorFile) -> tuple[_arch.Arch, dict]:
     return a, shapes
 
 
+def read_ahead(base: TensorFile, tuned: TensorFile, keys: list[str]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(base, tuned) tensors for each key in order, the next distinct key read by a background
+    thread while the caller computes (file reads release the GIL); a repeated key (q/k/v rows of
+    one in_proj) is read once. At most two layers are held."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        fetch = lambda key: (base.get(key), tuned.get(key))  # noqa: E731
+        current_key, pending = None, None
+        for n, key in enumerate(keys):
+            if key != current_key:
+                current = pending.result() if pending is not None else fetch(key)
+                current_key = key
+                nxt = next((k for k in keys[n + 1:] if k != key), None)
+                pending = pool.submit(fetch, nxt) if nxt is not None else None
+            yield current
+
+
 def _layer_delta(t: Target, base: torch.Tensor, tuned: torch.Tensor, files: tuple[TensorFile, TensorFile],
                  device: torch.device) -> torch.Tensor:
     if base.shape != tuned.shape:
@@ -91,11 +98,9 @@ def extract(base: TensorFile, tuned: TensorFile, policy: RankPolicy, conv_policy
     report = Report("extract", totals={"architecture": arch.title, "policy": policy.describe(),
                                        "conv_policy": conv_policy.describe() if conv_policy else "off"})
     out: dict[str, LowRank] = {}
-    cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    pairs = read_ahead(base, tuned, [t.ckpt_key for t in todo])
     for i, t in enumerate(todo):
-        if t.ckpt_key not in cache:
-            cache = {t.ckpt_key: (base.get(t.ckpt_key), tuned.get(t.ckpt_key))}
-        d = _layer_delta(t, *cache[t.ckpt_key], (base, tuned), dev)
+        d = _layer_delta(t, *next(pairs), (base, tuned), dev)
         peak = float(d.abs().max()) if d.numel() else 0.0
         row = report.add(Row(t.name, extra={"block": t.block, "shape": "×".join(map(str, t.shape))}))
         if peak <= skip:
@@ -133,8 +138,8 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, dim: RankPolicy 
     resnet/sampler layers out.
     """
     start = time.perf_counter()
-    policy = policy_of(dim, min_dim, max_dim)
-    conv_policy = policy_of(conv_dim, min_dim, max_dim) if conv_dim is not None else policy
+    policy = as_policy(dim, min_dim, max_dim)
+    conv_policy = as_policy(conv_dim, min_dim, max_dim) if conv_dim is not None else policy
     if save_path is not None and Path(save_path).exists() and not overwrite:
         raise OrthoLoraError("exists; pass overwrite to replace it", save_path)
     with open_tensors(base_path) as base, open_tensors(tuned_path) as tuned:

@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 
 from .errors import OrthoLoraError
-from .memory import large_buffers_unmapped_on_free
+from .memory import large_buffers_unmapped_on_free, trim
 
 PathLike = str | os.PathLike
 
@@ -273,6 +273,9 @@ def _check_entry(name: str, entry: object, data_size: int, path: Path
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
         raise bad(f"data_offsets {offsets!r} is not a pair of integers")
     begin, end = offsets
+    if 0 <= begin <= end and end > data_size:
+        raise OrthoLoraError(f"truncated or corrupt safetensors file (tensor {name!r}: data_offsets "
+                             f"{offsets} out of range: the data section has only {data_size} bytes)", path)
     if not 0 <= begin <= end <= data_size:
         raise bad(f"data_offsets {offsets} out of range (data section has {data_size} bytes)")
     expected = math.prod(shape) * dtype.itemsize
@@ -496,6 +499,7 @@ def write_safetensors_streamed(path: PathLike, specs: list[TensorSpec],
             tensor = _conform(produce(spec.name), spec, target)
             _write_all(file, _tensor_bytes(tensor), target)
             del tensor
+            trim()  # hand the dropped tensor's pages back before producing the next one
 
 
 def _owned_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -513,30 +517,43 @@ def _owned_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
-                ) -> dict[str, str]:
-    """kohya's ``sshs_model_hash``/``sshs_legacy_hash``: tensors saved with the ss_* metadata."""
-    training = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    blob = safetensors.torch.save(dict(tensors), training)
+def _hashes_of(blob: bytes) -> dict[str, str]:
     data_start = 8 + int.from_bytes(blob[:8], "little")
     return {
-        "sshs_model_hash": hashlib.sha256(blob[data_start:]).hexdigest(),
-        "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8],
+        "sshs_model_hash": hashlib.sha256(memoryview(blob)[data_start:]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(memoryview(blob)[0x100000:0x110000]).hexdigest()[:8],
     }
+
+
+def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+                ) -> dict[str, str]:
+    """kohya's ``sshs_model_hash``/``sshs_legacy_hash``: tensors saved with the ss_* metadata;
+    model hash = sha256 of the data section, legacy = sha256 of bytes [1 MiB, 1 MiB + 64 KiB)."""
+    return _hashes_of(safetensors.torch.save(dict(tensors), _training(metadata)))
+
+
+def _training(metadata: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in metadata.items() if k.startswith("ss_")}
 
 
 def save_lora_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
                           metadata: Mapping[str, str], overwrite: bool = False) -> dict[str, str]:
-    """Save a (LoRA-sized) file with fresh sshs hashes in its metadata; return that metadata."""
+    """Save a (LoRA-sized) file with fresh sshs hashes in its metadata; return that metadata.
+    Serialized once: the hashed ss_*-only file and the final one share the data section."""
     target = Path(path)
     final = _check_metadata_out(metadata, target)
     if not overwrite and os.path.lexists(target):
         raise OrthoLoraError(_EXISTS, target)
-    owned = _owned_tensors(tensors)
-    final.update(sshs_hashes(owned, final))
-    blob = safetensors.torch.save(owned, final)
+    blob = safetensors.torch.save(_owned_tensors(tensors), _training(final))
+    final.update(_hashes_of(blob))
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    header["__metadata__"] = final
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
     with atomic_output(target, overwrite) as tmp, _open_temp(tmp, target) as file:
-        _write_all(file, blob, target)
+        _write_all(file, len(head).to_bytes(8, "little") + head, target)
+        _write_all(file, memoryview(blob)[8 + n:], target)
     return final
 
 

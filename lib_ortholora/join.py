@@ -18,9 +18,9 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .arch import Arch
 from .diag import (META_KEY, DiagSpec, JoinInfo, JoinSource, apply_diag_to_up, diag_vector, join_info_from_metadata,
                    make_join_metadata, parse_diag, safe_source_name)
-from .arch import Arch
 from .errors import OrthoLoraError
 from .fileio import open_tensors
 from .keys import Target, name_table
@@ -143,7 +143,14 @@ def read_sources(paths: Sequence[PathLike], report: Report) -> tuple[str, list[d
         raise OrthoLoraError(f"made for {Arch(other.arch).title}, but {first.path} is for {Arch(first.arch).title}",
                              other.path)
     arch = files[0].arch
-    return arch, [_source_lowranks(lf, name_table(arch), report) for lf in files]
+    sources = [_source_lowranks(lf, name_table(arch), report) for lf in files]
+    seen: dict[str, tuple[tuple[int, ...], Path]] = {}
+    for lf, source in zip(files, sources):  # each file is self-consistent; the files must agree too
+        for name, lr in source.items():
+            shape, first = seen.setdefault(name, (tuple(lr.shape), lf.path))
+            if tuple(lr.shape) != shape:
+                raise OrthoLoraError(f"module {name} is {tuple(lr.shape)} here but {shape} in {first}", lf.path)
+    return arch, sources
 
 
 def _source_lowranks(lf: LoraFile, table: Mapping[str, Target], report: Report) -> dict[str, LowRank]:

@@ -11,7 +11,7 @@ import torch
 
 from . import __version__
 from .errors import OrthoLoraError
-from .fileio import open_tensors, save_lora_safetensors
+from .fileio import check_finite, open_tensors, save_lora_safetensors
 from .keys import guess_arch, name_table, resolve
 from .lowrank import LowRank
 from .modules import NetworkModule, build_module, suffix_of
@@ -78,6 +78,53 @@ def _sd1_or_sd2(groups: dict[str, dict[str, torch.Tensor]]) -> str:
     return "sd15"
 
 
+def _layer_layout(shape: tuple[int, ...], layer: tuple[int, ...]) -> tuple[int, ...]:
+    """A module's shape in its layer's layout (delta() is in weight shape): factor families that
+    store flattened factors (LoHa, LoKr) give (out, in) for a 1×1 conv such as SD1's proj_in, which is
+    (out, in, 1, 1); a 4-D form of a Linear layer becomes 2-D. Other mismatches are left for the
+    operations to report."""
+    if len(shape) == len(layer) or len(layer) not in (2, 4) or len(shape) not in (2, 4):
+        return shape
+    inner = math.prod(shape[1:])
+    if len(layer) == 2:
+        return (shape[0], inner) if shape[2:] == (1, 1) else shape
+    k = layer[2] * layer[3]
+    return (shape[0], inner // k, layer[2], layer[3]) if inner % k == 0 else shape
+
+
+def _dry_run(name: str, raw: str, group: dict[str, torch.Tensor], kernel: int | None,
+             layer: tuple[int, ...] | None, path: Path) -> tuple[int, ...] | None:
+    """Build the module from shapes only (meta tensors, no data touched) and form its delta and
+    low-rank form, so factors that do not fit together are refused here, naming the module, instead
+    of failing deep inside an operation (or worse, being written out). Returns the module's shape in
+    its layer's layout (see _layer_layout; factor families only), or None if no family claims it."""
+    shapes = ", ".join(f"{s} {tuple(t.shape)}" for s, t in group.items())
+    try:
+        with torch.device("meta"):
+            meta = {s: (t if s == "alpha" else t.to("meta")) for s, t in group.items()}
+            module = build_module(name, meta, kernel)
+            if module is None:
+                return None
+            lr = module.lowrank()
+            if layer is not None and lr is not None:
+                module.shape = _layer_layout(module.shape, layer)
+            shape = tuple(module.shape)
+            fits = tuple(module.delta().shape) == shape and math.prod(shape) > 0
+            if lr is not None:
+                lr = module.lowrank()
+                fits = fits and lr.up.reshape(lr.up.shape[0], -1).shape == (shape[0], lr.rank) \
+                    and lr.down.reshape(lr.rank, -1).shape[1] == math.prod(shape[1:]) and lr.rank > 0
+            bias = module.bias_delta()
+            fits = fits and (bias is None or tuple(bias.shape) == shape[:1])
+    except OrthoLoraError as e:
+        raise OrthoLoraError(e.problem, path) from None
+    except Exception:  # noqa: BLE001 - any shape error of any family is the same bad input
+        fits = False
+    if not fits:
+        raise OrthoLoraError(f"module {raw}: its tensors do not fit together ({shapes})", path)
+    return shape
+
+
 def read_lora(path: str | Path, arch: str | None = None) -> LoraFile:
     """Read a kohya / LyCORIS / PEFT LoRA file. Architecture: `arch`, else metadata, else names."""
     path = Path(path)
@@ -104,16 +151,15 @@ def read_lora(path: str | Path, arch: str | None = None) -> LoraFile:
     for raw, group in groups.items():
         name = resolve(arch, raw) if arch else None
         target = table.get(name) if name else None
-        try:
-            module = build_module(name or raw, group, target.kernel if target else None)
-        except OrthoLoraError as e:
-            raise OrthoLoraError(e.problem, path) from None
-        if module is None:
+        kernel = target.kernel if target else None
+        shape = _dry_run(name or raw, raw, group, kernel, target.shape if target else None, path)
+        if shape is None:
             stray.extend(f"{raw}.{s}" for s in group)
             continue
-        for t in group.values():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise OrthoLoraError(f"module {raw} holds NaN or Inf values", path)
+        for suffix, t in group.items():
+            check_finite(t, f"{raw}.{suffix}", path)
+        module = build_module(name or raw, group, kernel)
+        module.shape = shape
         if name is None:
             unknown.append(raw)
         modules[name or raw] = module

@@ -45,7 +45,14 @@ class LowRank:
             up = up.reshape(self.shape[0], r, 1, 1)
         return {f"{name}.lora_down.weight": down.to(dtype).contiguous(),
                 f"{name}.lora_up.weight": up.to(dtype).contiguous(),
-                f"{name}.alpha": torch.tensor(float(r)).to(dtype)}
+                f"{name}.alpha": _alpha_tensor(float(r), dtype)}
+
+
+def _alpha_tensor(alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """alpha in the file's dtype when that holds it exactly, else float32 (bf16 cannot hold 257:
+    the scale alpha/r would silently change; every loader reads alpha with .item())."""
+    stored = torch.tensor(alpha).to(dtype)
+    return stored if float(stored) == alpha else torch.tensor(alpha, dtype=torch.float32)
 
 
 def balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, shape: tuple[int, ...]) -> LowRank:

@@ -26,6 +26,7 @@ from .progress import Progress
 from .report import Report, Row
 
 PathLike = str | os.PathLike
+ADDMM_MAX_RANK = 128
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,15 @@ class Contribution:
     rows: tuple[int, int] | None
     bias: bool = False
 
-    def delta(self) -> torch.Tensor:
-        """dW (or the bias delta), float32, multiplier not applied."""
-        return self.module.bias_delta() if self.bias else self.module.delta()
+    def add_into(self, block: torch.Tensor) -> None:
+        """block += m·dW in place. A low-rank form of rank ≤ ADDMM_MAX_RANK is added by addmm (no
+        dW-sized temporary); wider forms (LoHa's r², big LoKr) cost less as the dense dW."""
+        lr = None if self.bias else self.module.lowrank()
+        if lr is not None and lr.rank <= ADDMM_MAX_RANK:
+            block.view(block.shape[0], -1).addmm_(lr.up.float(), lr.down.float(), alpha=self.multiplier * lr.scale)
+            return
+        delta = self.module.bias_delta() if self.bias else self.module.delta()
+        block.add_(delta.reshape(block.shape), alpha=self.multiplier)
 
 
 def bias_key(t: Target) -> str:
@@ -75,8 +82,8 @@ def plan_merge(arch: Arch, shapes: Mapping[str, Shape], loras: Sequence[tuple[Lo
                 row.status, row.note = "unmatched", "no layer of this checkpoint has this name"
                 unmatched.append(name)
                 continue
-            size = torch.Size(module.shape).numel()
-            if size != torch.Size(t.shape).numel():
+            flat = (module.shape[0], torch.Size(module.shape[1:]).numel())
+            if flat != (t.shape[0], torch.Size(t.shape[1:]).numel()):  # not only numel: (in, out) ≠ (out, in)
                 rows = f" (rows {t.rows[0]}:{t.rows[1]})" if t.rows else ""
                 raise OrthoLoraError(f"module {name} has shape {module.shape} but layer {t.ckpt_key}{rows} of "
                                      f"{ckpt_path} is {t.shape}: made for another model?", lora.path)
@@ -99,9 +106,9 @@ def plan_merge(arch: Arch, shapes: Mapping[str, Shape], loras: Sequence[tuple[Lo
 def merged_tensor(w: torch.Tensor, contributions: Sequence[Contribution], dtype: torch.dtype) -> torch.Tensor:
     """cast(w.float() + Σ contributions, dtype); each contribution lands in its row block."""
     acc = w.to(torch.float32, copy=True)
+    del w  # the caller passes its only reference: free it before the deltas are formed
     for c in contributions:
-        block = acc[slice(*c.rows)] if c.rows else acc
-        block.add_(c.delta().reshape(block.shape), alpha=c.multiplier)
+        c.add_into(acc[slice(*c.rows)] if c.rows else acc)
     return acc.to(dtype)
 
 
@@ -151,11 +158,14 @@ def merge_lora(base_path: PathLike, lora_path: PathLike | Sequence[PathLike], mu
             done += 1
             if progress:
                 progress(done, len(specs), key)
-            w = f.get(key)
             if key not in plan:
-                return w
-            merged = merged_tensor(w, plan[key], _out_dtype(w.dtype, dtype))
-            check_finite(merged, key, out)
+                return f.get(key)
+            merged = merged_tensor(f.get(key), plan[key], _out_dtype(f.dtype(key), dtype))
+            try:
+                check_finite(merged, key, out)
+            except OrthoLoraError:
+                check_finite(f.get(key), key, base)  # NaN/Inf already in the checkpoint: name that file
+                raise
             return merged
 
         meta = {k: v for k, v in f.metadata.items() if "hash" not in k.lower()}

@@ -19,18 +19,9 @@ from .join import PathLike, as_ratios, join_lowranks, read_sources, source_names
 from .lorafile import write_lora
 from .lowrank import LowRank, balanced
 from .progress import Progress
-from .rank import RankPolicy, parse_policy
+from .rank import RankPolicy, as_policy
 from .report import Report, Row
 from .svd import factor_svd
-
-
-def as_policy(rank: int | str | RankPolicy) -> RankPolicy:
-    """A RankPolicy from a fixed rank, a policy text (`fro=0.9,max=64`, see rank.parse_policy) or itself."""
-    if isinstance(rank, RankPolicy):
-        return rank
-    if isinstance(rank, int) and not isinstance(rank, bool):
-        return RankPolicy("fixed", float(rank))
-    return parse_policy(str(rank))
 
 
 def recompress(lr: LowRank, policy: RankPolicy) -> tuple[LowRank, float]:

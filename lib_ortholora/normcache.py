@@ -3,9 +3,10 @@
 W is the layer's weight flattened to [out, in·k·k] (for open_clip q/k/v: the row block of
 `in_proj_weight`). σ_max comes from Golub–Kahan–Lanczos bidiagonalization, stopped when the top
 Ritz triplet's residual is below `rtol`·σ̃ (a singular value of W then lies within it; in practice
-the error is far smaller). At rtol 1e-4 full-size SD layers come out within ~1e-7 in tens to
-hundreds of milliseconds, where `linalg.matrix_norm(ord=2)` takes seconds and 50 power iterations
-are still ~1e-2 off on flat (random-like) spectra.
+the error is far smaller). On full-size SDXL layers (random-like, flat-topped spectra: the hard
+case) rtol 1e-4 lands within ~2e-6 in 0.2–0.5 s, as fast as 50 power iterations, which are still
+5e-3–8e-3 off; `linalg.matrix_norm(ord=2)` takes 0.7–15 s. Weights are streamed: a few tensors
+are in memory at a time.
 
 The cache is one JSON file per checkpoint in `cache_dir` (default `$XDG_CACHE_HOME/ortholora`, else
 `~/.cache/ortholora`), named by a content fingerprint, not the path: sha256 over the file size,
@@ -24,6 +25,7 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -116,23 +118,33 @@ def layer_norms(w: torch.Tensor) -> LayerNorms:
 # Streaming the base checkpoint
 
 
+_WORKERS: ContextVar[int | None] = ContextVar("ortholora_layer_workers", default=None)
+
+
 @contextmanager
-def single_threaded_ops() -> Iterator[int]:
-    """Torch ops run on their calling thread inside; yields the previous thread count (the number
-    of workers to use). Many small per-layer ops parallelize far better across layers than inside
-    each op, and never oversubscribe a busy machine."""
-    before = torch.get_num_threads()
+def layer_parallelism() -> Iterator[int]:
+    """Inside, torch ops run single-threaded and `parallel_map` spreads layers over as many worker
+    threads as torch had threads on entry (nested uses keep the outermost count); yields that count.
+    Many small per-layer ops scale far better across layers than inside each op, and never
+    oversubscribe a busy machine."""
+    workers = _WORKERS.get()
+    if workers is not None:
+        yield workers
+        return
+    workers = torch.get_num_threads()
+    token = _WORKERS.set(workers)
     torch.set_num_threads(1)
     try:
-        yield before
+        yield workers
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(workers)
+        _WORKERS.reset(token)
 
 
 def parallel_map(fn: Callable[[_T], _R], items: Iterable[_T]) -> Iterator[_R]:
-    """fn over items, in order, on one worker thread per core (torch ops single-threaded); at most
-    two items per worker are drawn from `items` ahead of the results (items may be big tensors)."""
-    with single_threaded_ops() as workers:
+    """fn over items, in order, under `layer_parallelism`; at most two items per worker are drawn
+    from `items` ahead of the results (items may be big tensors)."""
+    with layer_parallelism() as workers:
         if workers <= 1:
             yield from map(fn, items)
             return
@@ -225,6 +237,8 @@ class BaseCheckpoint:
         out = {}
         pairs = parallel_map(lambda item: (item[0], layer_norms(item[1])), self.weights(names))
         for i, (name, norms) in enumerate(pairs):
+            if not (math.isfinite(norms.spectral) and math.isfinite(norms.frobenius)):
+                raise OrthoLoraError(f"base layer {name} holds NaN or Inf values", self.path)
             out[name] = norms
             if progress:
                 progress(i + 1, len(names), f"base norms {name}")
@@ -263,6 +277,8 @@ def fingerprint(path: Path, sampled_keys: Iterable[str]) -> str:
                 h.update(f.read(min(SAMPLE_BYTES, end - begin)))
     except OSError as err:
         raise OrthoLoraError(f"cannot read: {err.strerror or err}", path) from err
+    except (ValueError, KeyError, TypeError):
+        raise OrthoLoraError("bad safetensors header", path) from None
     return h.hexdigest()
 
 

@@ -19,15 +19,15 @@ squared error, i.e. weighting a layer by 1/numel). Its exact optimum is the eige
 ΣG_l: the same formulas with one λ for all layers; directions are orthogonal summed over the file,
 not layer by layer, and large layers dominate the fit.
 
-Outputs (each an exact combination Σ_k w_k·dW_k, compressed by an SVD of a small core, see
-`compress`): `shared` = v_1; `direction{p}` = v_p; `{stem}_residual` = dW_k − λ_{k,1}·v_1, so that
-residual_k + λ_{k,1}·shared = input_k exactly. Every file's metadata `ortholora_ortho` (JSON)
+Outputs (`Options`; each an exact combination Σ_k w_k·dW_k, compressed by an SVD of a small
+core, see `compress`): `shared` = v_1; `direction{p}` = v_p; `{stem}_residual` = dW_k − λ_{k,1}·v_1,
+so that residual_k + λ_{k,1}·shared = input_k exactly. Every file's metadata `ortholora_ortho` (JSON)
 holds the sources and λ for all K directions: input_k = Σ_p lambda[k][p]·direction_p.
 
 What the residuals are. They are orthogonal to the shared direction, so the shared LoRA's weight
 can be turned without touching them; they are not independent private parts. With K = 2 one
 dimension is left after removing v_1: r_1 = λ_12·v_2 and r_2 = λ_22·v_2 are exactly anti-aligned
-(cosine −1 whenever the inputs' cosine is positive); with equal norms r_1 = −r_2 = (dW_1 − dW_2)/2,
+(cosine −1 when the inputs' cosine is positive, +1 when it is negative); with equal norms r_1 = −r_2 = (dW_1 − dW_2)/2,
 the "A versus B" contrast. So for K = 2 the useful outputs are shared + secondary (a common LoRA
 and an A-vs-B slider) with λ, which rebuild both inputs exactly. For K > 2, in the model
 dW_k = S + P_k with mutually orthogonal private parts of equal norm, v_1 = S + P̄ and
@@ -52,7 +52,7 @@ from .errors import OrthoLoraError
 from .fileio import safe_output_path
 from .keys import name_table
 from .lorafile import LoraFile, read_lora, write_lora
-from .lowrank import LowRank, balanced
+from .lowrank import LowRank
 from .modules import NetworkModule
 from .progress import Progress
 from .rank import RankPolicy
@@ -129,20 +129,44 @@ def basis(parts: Sequence[LowRank | None]) -> Basis:
 
 
 def compress(b: Basis, w: torch.Tensor, shape: tuple[int, ...], policy: RankPolicy | None,
-             floor: float) -> tuple[LowRank | None, float]:
-    """Σ_k w_k·dW_k as balanced factors: SVD Uc·S·Vcᵀ of the core Ru·diag(w[owner])·Rdᵀ (R×R),
-    U = Qu·Uc, Vᵀ = Vcᵀ·Qdᵀ (the QR-factor SVD of F§4 with one QR pair for all outputs). Singular
-    values ≤ `floor` are rounding noise; `policy` (None: keep the rest, exact) picks the rank.
-    Returns the factors (None when rank 0) and the relative Frobenius error of the truncation."""
-    uc, s, vch = torch.linalg.svd((b.ru * w[b.owner]) @ b.rd.T, full_matrices=False)
-    keep = int((s > floor).sum())
-    r = min(policy.choose(s[:keep], shape), keep) if policy is not None and keep else keep
-    kept = float(s[:keep].square().sum())
-    err = math.sqrt(float(s[r:keep].square().sum()) / kept) if kept > 0 else 0.0
-    if r == 0:
-        return None, err
-    u, vh = b.qu @ uc[:, :r].float(), vch[:r].float() @ b.qd.T
-    return balanced(u, s[:r].float(), vh, shape), err
+             floors: torch.Tensor) -> list[tuple[LowRank | None, float]]:
+    """Σ_k w_ik·dW_k for each row i of `w` [n, K], as balanced factors: SVD Uc·S·Vcᵀ of the core
+    Ru·diag(w_i[owner])·Rdᵀ (R×R, batched), up = Qu·Uc·√S, down = √S·Vcᵀ·Qdᵀ (the QR-factor SVD
+    of F§4, one QR pair and one product per side for all outputs). Singular values ≤ floors[i] are
+    rounding noise; `policy` (None: keep the rest, exact) picks the rank. Returns per row the
+    factors (None when rank 0) and the relative Frobenius error of the truncation."""
+    uc, s, vch = torch.linalg.svd((b.ru * w[:, b.owner][:, None, :]) @ b.rd.T, full_matrices=False)
+    ranks, errs = [], []
+    for si, floor in zip(s, floors.tolist()):
+        keep = int((si > floor).sum())
+        r = min(policy.choose(si[:keep], shape), keep) if policy is not None and keep else keep
+        kept = float(si[:keep].square().sum())
+        ranks.append(r)
+        errs.append(math.sqrt(float(si[r:keep].square().sum()) / kept) if kept > 0 else 0.0)
+    root = s.sqrt()
+    up = b.qu @ torch.cat([uc[i, :, :r] * root[i, :r] for i, r in enumerate(ranks)], 1).float()
+    down = torch.cat([root[i, :r, None] * vch[i, :r] for i, r in enumerate(ranks)]).float() @ b.qd.T
+    ups, downs = up.split(ranks, 1), down.split(ranks, 0)
+    return [(LowRank(u, d, 1.0, shape) if r else None, e) for u, d, r, e in zip(ups, downs, ranks, errs)]
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to make: `directions` direction outputs (1 = the shared one only, K = all, enough to
+    rebuild every input), `residuals` (each input minus λ_{·,1}·shared), one `global_lambda` per
+    LoRA or one λ per layer, the rank `policy` of every output (None: exact) and the output `dtype`."""
+
+    directions: int = 2
+    residuals: bool = True
+    global_lambda: bool = False
+    policy: RankPolicy | None = None
+    dtype: torch.dtype = torch.float16
+
+    def keys(self, k: int) -> list[tuple[str, int]]:
+        """Outputs as (role, index): ("direction", p) for p = 1…directions (1 = shared), then
+        ("residual", k) for every input k."""
+        return [("direction", p) for p in range(1, self.directions + 1)] + (
+            [("residual", i) for i in range(k)] if self.residuals else [])
 
 
 def directions_of(grams: dict[str, torch.Tensor], global_lambda: bool) -> dict[str, Directions]:
@@ -154,34 +178,30 @@ def directions_of(grams: dict[str, torch.Tensor], global_lambda: bool) -> dict[s
     return {name: solve(g) for name, g in grams.items()}
 
 
-def output_weights(d: Directions, directions: int, residuals: bool) -> dict[str, torch.Tensor]:
-    """Output key → its weights w over the inputs: `shared` / `direction{p}` = coef[:, p−1],
-    `residual{k}` = row k of I − λ_{:,1}·coef_{:,1}ᵀ."""
-    out = {("shared" if p == 0 else f"direction{p + 1}"): d.coef[:, p] for p in range(directions)}
-    if residuals:
-        out.update({f"residual{k}": row for k, row in enumerate(d.residual_weights())})
-    return out
+def output_weights(d: Directions, keys: list[tuple[str, int]]) -> torch.Tensor:
+    """Each output's weights over the inputs, one row per key: v_p = coef[:, p−1]ᵀ, residual k =
+    row k of I − λ_{:,1}·coef_{:,1}ᵀ."""
+    a = d.residual_weights()
+    return torch.stack([d.coef[:, i - 1] if role == "direction" else a[i] for role, i in keys])
 
 
 def build_outputs(layers: Iterable[tuple[str, list[LowRank | None]]], grams: dict[str, torch.Tensor],
-                  sols: dict[str, Directions], directions: int, residuals: bool, policy: RankPolicy | None,
-                  dtype: torch.dtype) -> Iterator[tuple[str, dict[str, LowRank], float]]:
-    """Per layer: its outputs {key: LowRank} (factors already in `dtype`; rank-0 outputs left out)
-    and the largest relative truncation error among them."""
+                  sols: dict[str, Directions], opts: Options
+                  ) -> Iterator[tuple[str, dict[tuple[str, int], LowRank], float]]:
+    """Per layer: its outputs {key: LowRank} (factors in `opts.dtype`, rank-0 outputs left out) and
+    the largest relative truncation error among them."""
     for name, parts in layers:
         norms = grams[name].diagonal().clamp_min(0).sqrt()
         if not float(norms.sum()) > 0:
             yield name, {}, 0.0
             continue
-        b = basis(parts)
+        keys = opts.keys(len(parts))
+        w = output_weights(sols[name], keys)
         shape = next(tuple(p.shape) for p in parts if p is not None)
-        found, worst = {}, 0.0
-        for key, w in output_weights(sols[name], directions, residuals).items():
-            lr, err = compress(b, w, shape, policy, EPS * float(w.abs() @ norms))
-            worst = max(worst, err)
-            if lr is not None:
-                found[key] = LowRank(lr.up.to(dtype), lr.down.to(dtype), 1.0, shape)
-        yield name, found, worst
+        made = compress(basis(parts), w, shape, opts.policy, EPS * (w.abs() @ norms))
+        found = {key: LowRank(lr.up.to(opts.dtype), lr.down.to(opts.dtype), 1.0, shape)
+                 for key, (lr, _) in zip(keys, made) if lr is not None}
+        yield name, found, max(err for _, err in made)
 
 
 def alignment_report(stems: list[str], arch: str, grams: dict[str, torch.Tensor], ranks: dict[str, int],
@@ -219,6 +239,8 @@ def alignment_report(stems: list[str], arch: str, grams: dict[str, torch.Tensor]
                   "layers (one layer, a block, the file); null where a LoRA has no delta in the scope",
         "after": "the same cosines for the residuals dW_k - lambda_k1 * v_1",
         "share": "1 - sum_l |residual_kl|_F^2 / sum_l |dW_kl|_F^2: LoRA k's energy in the shared direction",
+        "explained": "per layer, the share of sum_k |dW_k|_F^2 in each lambda_p * v_p "
+                     "(Lambda_p / tr G with per-layer lambda)",
         "file": whole, "blocks": align.by_block(entries), "layers": per_layer}
     return report
 
@@ -260,38 +282,30 @@ def _lowranks(name: str, mods: list[NetworkModule | None], files: list[LoraFile]
     return out
 
 
-def _output_paths(paths: list[Path], out_dir: str | Path, directions: int, residuals: bool, prefix: str,
-                  overwrite: bool) -> dict[str, Path]:
-    """Output key → path; existing files are refused before any work unless `overwrite`."""
-    stems = [p.stem for p in paths]
-    names = {("shared" if p == 0 else f"direction{p + 1}"): f"{prefix}_{'shared' if p == 0 else f'direction{p + 1}'}"
-             for p in range(directions)}
-    if residuals:
-        unique = len(set(stems)) == len(stems)
-        names.update({f"residual{k}": f"{s if unique else f'{k + 1}_{s}'}_{prefix}_residual" for k, s in enumerate(stems)})
-    out = {key: safe_output_path(out_dir, name) for key, name in names.items()}
-    for path in out.values():
-        if path.exists() and not overwrite:
-            raise OrthoLoraError("exists; pass overwrite to replace it", path)
-    return out
+def _file_name(key: tuple[str, int], stems: list[str], prefix: str) -> str:
+    role, i = key
+    if role == "direction":
+        return f"{prefix}_shared" if i == 1 else f"{prefix}_direction{i}"
+    return f"{stems[i] if len(set(stems)) == len(stems) else f'{i + 1}_{stems[i]}'}_{prefix}_residual"
 
 
-def _metadata(key: str, stems: list[str], paths: list[Path], sols: dict[str, Directions], global_lambda: bool,
-              policy: RankPolicy | None) -> dict[str, str]:
-    """`ortholora_ortho` JSON: mode, role, sources, λ for all K directions (per module, or one
-    K×K list with a global λ), plus the kohya/modelspec provenance keys."""
+def _metadata(key: tuple[str, int], files: list[LoraFile], sols: dict[str, Directions],
+              opts: Options) -> dict[str, str]:
+    """`ortholora_ortho` JSON (role, mode, sources, λ for all K directions: per module, or one K×K
+    list with a global λ) plus the provenance keys."""
     def table(d: Directions) -> list[list[float]]:
         return [[float(f"{x:.9g}") for x in row] for row in d.lam.tolist()]
 
-    role = ({"role": "shared", "direction": 1} if key == "shared" else
-            {"role": "direction", "direction": int(key[9:])} if key.startswith("direction") else
-            {"role": "residual", "source": int(key[8:])})
-    info = {"version": 1, **role, "mode": "global" if global_lambda else "layer",
-            "sources": [{"name": s, "file": p.name} for s, p in zip(stems, paths)],
-            "policy": policy.describe() if policy else "exact",
+    role, i = key
+    info = {"version": 1, "role": "shared" if key == ("direction", 1) else role,
+            **({"direction": i} if role == "direction" else {"source": i}),
+            "mode": "global" if opts.global_lambda else "layer",
+            "sources": [{"name": f.stem, "file": f.path.name} for f in files],
+            "policy": opts.policy.describe() if opts.policy else "exact",
             "rebuild": "input_k = sum_p lambda[k][p] * direction_p = residual_k + lambda[k][0] * shared",
-            "lambda": table(next(iter(sols.values()))) if global_lambda else {n: table(d) for n, d in sols.items()}}
-    return {"ortholora_operation": "ortho", "modelspec.merged_from": ", ".join(stems),
+            "lambda": (table(next(iter(sols.values()))) if opts.global_lambda else
+                       {name: table(d) for name, d in sols.items()})}
+    return {"ortholora_operation": "ortho", "modelspec.merged_from": ", ".join(f.stem for f in files),
             "ortholora_ortho": json.dumps(info, separators=(",", ":"))}
 
 
@@ -311,17 +325,24 @@ def ortho_lora(paths: Sequence[str | Path], out_dir: str | Path | None = None, *
                residuals: bool = True, global_lambda: bool = False, policy: RankPolicy | None = None,
                dtype: torch.dtype = torch.float16, prefix: str = "ortho", overwrite: bool = False,
                progress: Progress | None = None) -> Report:
-    """Orthogonalize K ≥ 2 LoRA files of one architecture and report their alignment. With
-    `out_dir`, write `{prefix}_shared` (v_1), `{prefix}_direction{p}` for 2 ≤ p ≤ `directions`
-    and, with `residuals`, `{stem}_{prefix}_residual` (= input − λ_{·,1}·shared) per input.
-    `policy` compresses every output (None: full rank, exact). `report.data`: heatmap data."""
+    """Orthogonalize K ≥ 2 LoRA files of one architecture and report their alignment (`report.data`
+    holds the heatmap data, see `align`). With `out_dir`, write `{prefix}_shared` (v_1),
+    `{prefix}_direction{p}` for 2 ≤ p ≤ `directions` and, with `residuals`,
+    `{stem}_{prefix}_residual` (= input − λ_{·,1}·shared) per input; see `Options`."""
     start = time.perf_counter()
     paths = [Path(p) for p in paths]
+    opts = Options(directions, residuals, global_lambda, policy, dtype)
     if len(paths) < 2:
         raise OrthoLoraError(f"orthogonalization needs at least two LoRAs, got {len(paths)}")
     if not 0 <= directions <= len(paths):
         raise OrthoLoraError(f"directions must be between 0 and the number of LoRAs ({len(paths)}), got {directions}")
-    targets = _output_paths(paths, out_dir, directions, residuals, prefix, overwrite) if out_dir is not None else {}
+    targets = {}
+    if out_dir is not None:
+        targets = {key: safe_output_path(out_dir, _file_name(key, [p.stem for p in paths], prefix))
+                   for key in opts.keys(len(paths))}
+        for path in targets.values():
+            if path.exists() and not overwrite:
+                raise OrthoLoraError("exists; pass overwrite to replace it", path)
     step = _Steps(progress, len(paths))
     files = []
     for p in paths:
@@ -336,43 +357,35 @@ def ortho_lora(paths: Sequence[str | Path], out_dir: str | Path | None = None, *
         grams[name], ranks[name] = align.gram(parts), sum(p.rank for p in parts if p is not None)
         step(name)
     sols = directions_of(grams, global_lambda)
-    stems = [f.stem for f in files]
-    report = alignment_report(stems, arch, grams, ranks, sols, global_lambda)
+    report = alignment_report([f.stem for f in files], arch, grams, ranks, sols, global_lambda)
     report.totals.update({"directions": directions, "policy": policy.describe() if policy else "exact"})
     unknown = sum(len(f.unknown) for f in files)
     if unknown:
         report.warnings.append(f"{unknown} modules map to no {arch} layer and were left out")
     if targets:
-        _write(files, modules, grams, sols, targets, arch, directions, residuals, global_lambda, policy, dtype,
-               overwrite, report, step)
+        outputs: dict[tuple[str, int], dict[str, LowRank]] = {key: {} for key in targets}
+        rows = {r.module: r for r in report.rows}
+        layers = ((name, _lowranks(name, mods, files)) for name, mods in modules.items())
+        for name, found, err in build_outputs(layers, grams, sols, opts):
+            for key, lr in found.items():
+                outputs[key][name] = lr
+            if found:
+                rows[name].rel_error = err
+                rows[name].rank = found[("direction", 1)].rank if ("direction", 1) in found else None
+            step(name)
+        report.totals["max_rel_error"] = max((r.rel_error for r in rows.values() if r.rel_error is not None),
+                                             default=0.0)
+        modules.clear()  # the inputs' tensors are no longer needed: free them before writing
+        for f in files:
+            f.modules.clear()
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        for key, path in targets.items():
+            found = outputs.pop(key)
+            if found:
+                write_lora(path, found, arch, dtype, _metadata(key, files, sols, opts), overwrite)
+                report.outputs.append(str(path))
+            else:
+                report.warnings.append(f"{path.name} was not written: it is zero in every layer")
+            step(path.name)
     report.totals["seconds"] = round(time.perf_counter() - start, 2)
     return report
-
-
-def _write(files: list[LoraFile], modules: dict[str, list[NetworkModule | None]], grams: dict[str, torch.Tensor],
-           sols: dict[str, Directions], targets: dict[str, Path], arch: str, directions: int, residuals: bool,
-           global_lambda: bool, policy: RankPolicy | None, dtype: torch.dtype, overwrite: bool, report: Report,
-           step: _Steps) -> None:
-    """Compress every output layer by layer, then write one file per output (freed once written)."""
-    outputs: dict[str, dict[str, LowRank]] = {key: {} for key in targets}
-    rows = {r.module: r for r in report.rows}
-    layers = ((name, _lowranks(name, mods, files)) for name, mods in modules.items())
-    for name, found, err in build_outputs(layers, grams, sols, directions, residuals, policy, dtype):
-        for key, lr in found.items():
-            outputs[key][name] = lr
-        if found:
-            rows[name].rel_error = err
-            rows[name].rank = found["shared"].rank if "shared" in found else None
-        step(name)
-    errors = [r.rel_error for r in report.rows if r.rel_error is not None]
-    report.totals["max_rel_error"] = max(errors, default=0.0)
-    stems, paths = [f.stem for f in files], [f.path for f in files]
-    next(iter(targets.values())).parent.mkdir(parents=True, exist_ok=True)
-    for key, path in targets.items():
-        found = outputs.pop(key)
-        if found:
-            write_lora(path, found, arch, dtype, _metadata(key, stems, paths, sols, global_lambda, policy), overwrite)
-            report.outputs.append(str(path))
-        else:
-            report.warnings.append(f"{key} is zero in every layer; {path.name} was not written")
-        step(path.name)

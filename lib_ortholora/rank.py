@@ -80,8 +80,10 @@ class RankPolicy:
 def parse_policy(text: str) -> RankPolicy:
     """`32` (fixed), `fraction=0.08,min=8,max=96`, `sv_ratio=20`, `threshold=0.01`, `fro=0.9`,
     `cumulative=0.9` (each may add `min=` / `max=`)."""
+    if not isinstance(text, str):
+        raise OrthoLoraError(f"rank policy must be text, got {type(text).__name__}")
     text = text.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # str.isdigit() also takes '²', which float() refuses
         return RankPolicy("fixed", float(text), 1, None)
     fields: dict[str, str] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -100,3 +102,17 @@ def parse_policy(text: str) -> RankPolicy:
     except ValueError:
         raise OrthoLoraError(f"rank policy {text!r} is not of the form kind=value[,min=N][,max=N] "
                              f"with kind in {', '.join(KINDS)}") from None
+
+
+def as_policy(value: "RankPolicy | str | float | int", min_rank: int = 1, max_rank: int | None = None) -> RankPolicy:
+    """A policy from itself, a policy text, an int (fixed rank) or a float < 1 (fraction of full
+    rank); `min_rank`/`max_rank` apply to the int and float forms."""
+    if isinstance(value, RankPolicy):
+        return value
+    if isinstance(value, str):
+        return parse_policy(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OrthoLoraError(f"rank policy must be a policy, text or number, got {type(value).__name__}")
+    if isinstance(value, float) and value < 1:
+        return RankPolicy("fraction", value, min_rank, max_rank)
+    return RankPolicy("fixed", float(value), min_rank, max_rank)

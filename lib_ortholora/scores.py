@@ -7,8 +7,9 @@ of σ_i over references, with the weights as written normalized to sum 1:
     spn_ckpt: σ_max(W_base)   fro_ckpt: ‖W_base‖_F   spn_lora: σ_1   fro_lora: ‖σ‖_2 = ‖ΔW‖_F
     subspace: |u_iᵀ·W_base·v_i|   (W_base flattened to [out, in·k·k]; per direction)
 A score recipe adds `thr=t` (keep score ≥ t, per layer) or `size=M` (rank every direction of every
-layer by score and keep the best while their bytes, (out + in·k·k)·itemsize each, fit in M MiB;
-the total lands at most one direction short of M). Directions with σ = 0 score −∞: never kept.
+layer by score and keep the best while their factor bytes, (out + in·k·k)·itemsize each, fit in
+M MiB; the total lands less than one direction short of M; the file adds its header and alphas,
+a few hundred KiB at most). Directions with σ = 0 score −∞: never kept.
 
 kohya's methods, per layer on σ (our RankPolicy kinds), then capped by `rank=N` when given:
     sv_ratio=p       σ_i ≥ σ_1/p                              (RankPolicy sv_ratio)
@@ -17,9 +18,10 @@ kohya's methods, per layer on σ (our RankPolicy kinds), then capped by `rank=N`
     rank=N           min(N, rank of the layer)                  (RankPolicy fixed)
 Differences from sd-scripts' resize_lora.py: older versions returned one direction too many for
 every dynamic method (an index that was already a count got +1 twice); its `--new_rank` (default
-4) always caps dynamic methods, here only an explicit `rank=`; it keeps at least one direction of
-an all-zero layer (we drop the layer), takes its spectrum from a randomized SVD (2 iterations) for
-layers above 2048 × 2048, and compares σ_i > σ_1/p strictly (we keep ties).
+4) always caps dynamic methods, here only an explicit `rank=`; its fixed rank N pads layers of
+lower rank with zero directions (we keep the layer's rank); it keeps one direction of an all-zero
+layer (we drop the layer), takes its spectrum from a randomized SVD (2 iterations) for layers above
+2048 × 2048, and compares σ_i > σ_1/p strictly (we keep ties).
 
 Recipes are separated by ':'; each is a comma list: `spn_ckpt=1,thr=-1.2`, `spn_lora=1,size=32`
 (a bare score name means weight 1), `sv_ratio=20`, `sv_fro=0.9,rank=64`, `rank=16`.

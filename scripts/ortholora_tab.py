@@ -144,6 +144,10 @@ def _api_auth():
 
 
 def on_app_started(demo, app):
+    """Our routes follow the webui's own API: served only when it was started with --api."""
+    if not getattr(shared.cmd_opts, "api", False):
+        log.info("LoRA Toolbox: HTTP API off (start the webui with --api to serve /ortholora/v1)")
+        return
     try:
         from lib_ortholora.ui.api import add_routes
         add_routes(app, webui_config, dependencies=_api_auth())

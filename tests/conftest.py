@@ -14,6 +14,15 @@ if str(ROOT) not in sys.path:
 from lib_ortholora.synth import DeltaSpec, write_pair  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Keep the norm cache (and anything else under XDG_CACHE_HOME) out of the user's home."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def pairs(tmp_path_factory):
     """fp32 base/tuned pairs per architecture, delta = exact rank-8 (no noise) on every target."""

@@ -100,7 +100,8 @@ def test_fp16_checkpoint_keeps_dtype_and_adds_in_fp32(tmp_path):
     module = read_lora(path).modules[tgts[0].name]
     key = tgts[0].ckpt_key
     want = base[key].float() + module.delta().reshape(base[key].shape)
-    assert kept[key].dtype == torch.float16 and torch.equal(kept[key], want.half())
+    assert kept[key].dtype == torch.float16  # rounded once, from the float32 sum
+    assert torch.allclose(kept[key].float(), want, rtol=2 ** -11, atol=2 ** -24)
     assert wide[key].dtype == torch.float32 and torch.allclose(wide[key], want, atol=1e-6)
     assert wide["cond_stage_model.transformer.text_model.embeddings.position_ids"].dtype == torch.int64
 

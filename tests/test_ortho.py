@@ -78,8 +78,8 @@ def test_gram_from_factors_matches_dense():
            for t, r in zip(tgts, range(1, 20))]
     for t, lr in zip(tgts, lrs):
         parts = [lr, None, lr.scaled(-2.0), LowRank(lr.up[:, :1], lr.down[:1], 1.5, lr.shape)]
-        x = torch.stack([flat(p) if p is not None else torch.zeros(lr.up.shape[0] * lr.down.shape[1], dtype=torch.float64)
-                         for p in parts])
+        zero = torch.zeros(lr.up.shape[0] * lr.down.shape[1], dtype=torch.float64)
+        x = torch.stack([flat(p) if p is not None else zero for p in parts])
         assert torch.allclose(align.gram(parts), x @ x.T, rtol=1e-10, atol=1e-10 * float((x @ x.T).abs().max())), t.name
 
 
@@ -306,3 +306,17 @@ def test_cli(tmp_path, capsys):
     assert main(["ortho", str(paths[0]), str(paths[1]), "--global-lambda", "--quiet"]) == 0
     assert "cos_file" in capsys.readouterr().out
     assert main(["ortho", str(paths[0]), "--quiet"]) == 2
+
+
+def test_layer_zero_in_every_lora_is_skipped(tmp_path):
+    tgts = sample_targets(ARCH)
+    paths = []
+    for i in range(2):
+        tensors = lora_tensors(tgts, seed=20 + i)
+        tensors[f"{tgts[0].name}.lora_up.weight"].zero_()
+        paths.append(save(tmp_path / f"z{i}.safetensors", tensors))
+    report = ortho_lora(paths, tmp_path / "o", dtype=F32)
+    row = next(r for r in report.rows if r.module == tgts[0].name)
+    assert row.status == "skipped" and report.count("skipped") == 1
+    assert all(tgts[0].name not in read_lora(p).modules for p in report.outputs)
+    assert tgts[0].name not in {d["module"] for d in report.data["layers"]}

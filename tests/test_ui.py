@@ -24,7 +24,7 @@ from lib_ortholora.ui import ops, plots, tab_extract, tab_inspect, tab_joinmix, 
 from lib_ortholora.ui import tab_resize, views  # noqa: E402
 from lib_ortholora.ui.config import Defaults  # noqa: E402
 from lib_ortholora.ui.folders import Folders  # noqa: E402
-from lib_ortholora.ui.runner import CancelRegistry, Outcome, ProgressBridge, execute  # noqa: E402
+from lib_ortholora.ui.runner import Cancelled, CancelRegistry, Outcome, ProgressBridge, execute  # noqa: E402
 from lib_ortholora.ui.standalone import demo_models  # noqa: E402
 from lib_ortholora.ui.widgets import written_signal_html  # noqa: E402
 
@@ -92,16 +92,30 @@ def test_tab_builds_with_every_subtab(cfg):
         or by_id["ortholora_extract_base"].dropdown.choices == [BASE, TUNED]
     assert by_id["ortholora_merge_loras"].multiselect and not by_id["ortholora_inspect_lora"].multiselect
     # long jobs go through the queue with a progress bar; refreshes do not
-    run_fns = [d for d in blocks.dependencies if d["trigger"] == "click" and d["queue"] is not False
-               and any(ctx_id == blocks.blocks[t].elem_id for t in d["targets"]
-                       for ctx_id in ("ortholora_extract_run",))]
-    assert run_fns and run_fns[0]["show_progress"] == "full"
+    config = blocks.get_config_file()
+    ids = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+
+    def deps_of(elem_id):
+        out = []
+        for d in config["dependencies"]:
+            targets = [t[0] if isinstance(t, (list, tuple)) else t for t in d["targets"]]
+            if any(ids.get(t) == elem_id for t in targets) and d.get("trigger_after") is None:
+                out.append(d)
+        return out
+
+    (run,) = deps_of("ortholora_extract_run")
+    assert run["queue"] is not False and run["show_progress"] == "full"
+    (stop,) = deps_of("ortholora_extract_stop")[:1]
+    assert stop["queue"] is False
+    assert any(d["cancels"] for d in config["dependencies"])  # Stop also cancels the queued run
+    (refresh,) = deps_of("ortholora_extract_base_refresh")
+    assert refresh["queue"] is False
 
 
 def test_standalone_blocks_carry_css_and_js(cfg):
     blocks = build_tab(cfg, standalone=True)
     assert "ortholora-hidden" in (blocks.css or "")
-    assert any("__ortholoraLoaded" in (d.get("js") or "") for d in blocks.dependencies)
+    assert any("__ortholoraLoaded" in (d.get("js") or "") for d in blocks.get_config_file()["dependencies"])
 
 
 def test_pickers_refresh(cfg, models):
@@ -291,7 +305,7 @@ def test_progress_bridge_reports_and_cancels():
     bridge = ProgressBridge(None, flag)
     bridge(1, 2, "x")
     flag.set()
-    with pytest.raises(tab_extract.execute.__globals__["Cancelled"]):
+    with pytest.raises(Cancelled):
         bridge(2, 2, "y")
     reg = CancelRegistry()
     f1 = reg.start("s", "extract")
@@ -304,10 +318,9 @@ def test_stop_leaves_no_partial_file(cfg, models):
     flag = threading.Event()
     calls = []
 
-    def ui(value, desc=None):
+    def ui(value, desc=None):  # the first update reaches the UI at once; the next core step must stop
         calls.append(value)
-        if len(calls) == 3:
-            flag.set()
+        flag.set()
 
     before = _files(models / "Lora")
     o = tab_extract.run(cfg, BASE, TUNED, "stopped", dim="8", ui_progress=ui, cancel=flag)
@@ -398,6 +411,9 @@ def test_webui_adapter_registers_tab_settings_and_api(webui):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
     app = FastAPI()
+    cb["app_started"][0](None, app)  # no --api: like the webui's own API, nothing is served
+    assert not any(r.path.startswith("/ortholora") for r in app.routes)
+    webui.shared.cmd_opts.api = True
     cb["app_started"][0](None, app)
     paths = {r.path for r in app.routes}
     for op in ("extract", "merge", "join", "mix", "resize", "ortho", "inspect"):
@@ -426,17 +442,22 @@ def test_webui_checkpoint_list_and_api_auth(webui):
     sd_models.checkpoints_list = {"sd15_base.safetensors [abc123]": types.SimpleNamespace(
         name="sd15_base.safetensors", filename=str(ckpt))}
     cfg = webui.tab.webui_config()
-    assert Folders(cfg).checkpoint_names() == ["sd15_base.safetensors"]
+    # the webui's labels first; files it has not listed yet (a fresh merge) from the folder
+    assert Folders(cfg).checkpoint_names() == ["sd15_base.safetensors", TUNED]
+    sd_models.checkpoints_list = {"sd15_base.safetensors [abc123]": types.SimpleNamespace(
+        name="renamed/base.safetensors", filename=str(ckpt))}
+    assert Folders(cfg).checkpoint_names() == ["renamed/base.safetensors", TUNED]
+    assert Folders(cfg).checkpoint("renamed/base.safetensors") == ckpt
 
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
-    webui.shared.cmd_opts.api_auth = "alice:secret"
+    webui.shared.cmd_opts.api, webui.shared.cmd_opts.api_auth = True, "alice:secret"
     app = FastAPI()
     webui.tab.on_app_started(None, app)
     client = TestClient(app)
     assert client.get("/ortholora/v1/files").status_code == 401
     r = client.get("/ortholora/v1/files", auth=("alice", "secret"))
-    assert r.status_code == 200 and r.json()["checkpoints"] == ["sd15_base.safetensors"]
+    assert r.status_code == 200 and r.json()["checkpoints"] == ["renamed/base.safetensors", TUNED]
 
 
 def test_webui_tab_degrades_to_a_message(webui, monkeypatch):

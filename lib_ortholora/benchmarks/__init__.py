@@ -18,6 +18,19 @@ from pathlib import Path
 NAMES = tuple(m.name for m in pkgutil.iter_modules(__path__))
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS: VmHWM (per address space, so not inherited through fork+exec
+    as ru_maxrss is on Linux), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _child(name: str, workdir: str, arch: str, prepared: dict, queue) -> None:
     start = time.perf_counter()
     try:
@@ -26,7 +39,7 @@ def _child(name: str, workdir: str, arch: str, prepared: dict, queue) -> None:
         queue.put({"error": f"{type(e).__name__}: {e}"})
         return
     figures["wall_s"] = round(time.perf_counter() - start, 2)
-    figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    figures["peak_rss_mb"] = peak_rss_mb()
     queue.put(figures)
 
 

@@ -2,11 +2,11 @@
 plus its error against the exact truncated SVD at the same ranks on a sample of layers."""
 from __future__ import annotations
 
-import resource
 from pathlib import Path
 
 import torch
 
+from . import peak_rss_mb
 from ..extract import extract_lora
 from ..fileio import open_tensors
 from ..keys import targets
@@ -52,5 +52,5 @@ def measure(workdir: Path, arch: str, prepared: dict) -> dict:
                           save_path=prepared["out"], conv=False, overwrite=True)
     figures = {k: report.totals[k] for k in ("modules", "skipped", "mean_rel_error", "seconds", "output_mb")}
     figures["extract_seconds"] = figures.pop("seconds")
-    figures["extract_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    figures["extract_peak_rss_mb"] = peak_rss_mb()
     return figures | _accuracy(prepared)

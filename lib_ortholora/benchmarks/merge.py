@@ -3,7 +3,7 @@ streamed; wall time and peak RSS against the checkpoint's size, plus a check of 
 from __future__ import annotations
 
 import math
-import resource
+from . import peak_rss_mb
 import time
 from pathlib import Path
 
@@ -72,7 +72,7 @@ def measure(workdir: Path, arch: str, prepared: dict) -> dict:
     start = time.perf_counter()
     report = merge_lora(prepared["base"], prepared["lora"], 1.0, prepared["out"], overwrite=True)
     seconds = round(time.perf_counter() - start, 2)
-    rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    rss = peak_rss_mb()
     sizes = {k: round(Path(prepared[k]).stat().st_size / 2 ** 20, 1) for k in ("base", "lora", "out")}
     figures = {"merge_seconds": seconds, "merge_peak_rss_mb": rss, "checkpoint_mb": sizes["base"], "lora_mb": sizes["lora"], "output_mb": sizes["out"],
                "modules_merged": report.totals["modules_merged"], "layers_changed": report.totals["layers_changed"],

@@ -29,7 +29,8 @@ def prepare(workdir: Path, arch: str, full: bool) -> dict:
         forms: list[dict[str, LowRank]] = [{} for _ in SCALES]
         for t in targets(Arch(arch), spec(arch, 1 if full else 16)):
             out, inner = t.shape[0], math.prod(t.shape[1:])
-            us, ds = torch.randn(out, SHARED, generator=g) * 0.02, torch.randn(SHARED, inner, generator=g) / math.sqrt(inner)
+            us = torch.randn(out, SHARED, generator=g) * 0.02
+            ds = torch.randn(SHARED, inner, generator=g) / math.sqrt(inner)
             for k, a in enumerate(SCALES):
                 up = torch.cat([a * us, torch.randn(out, PRIVATE, generator=g) * 0.01], 1)
                 down = torch.cat([ds, torch.randn(PRIVATE, inner, generator=g) / math.sqrt(inner)])

@@ -1,10 +1,12 @@
 """`resize`: shrink LoRAs with base-aware score recipes, size targets or kohya's methods."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..arch import ARCHS, UNET
 from ..errors import OrthoLoraError
 from ..fileio import open_tensors
-from ..resize import resize_files
+from ..resize import output_path, resize_files
 from ..scores import parse_recipes
 from . import DTYPES, bar, common, dtype_arg, show
 
@@ -19,7 +21,7 @@ def add(sub) -> None:
                        usage="%(prog)s [CKPT] LORA... -o DIR -r RECIPES", epilog=EPILOG)
     p.add_argument("files", nargs="+", metavar="[CKPT] LORA",
                    help="LoRA files, optionally after the base checkpoint (told apart by its UNet keys)")
-    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("-r", "--recipes", required=True, help="recipes separated by ':' (see below)")
     p.add_argument("--ckpt", help="base checkpoint (instead of giving it first)")
     p.add_argument("--arch", choices=ARCHS, help="architecture of LoRAs that do not say")
@@ -51,6 +53,12 @@ def split_files(files: list[str], ckpt: str | None) -> tuple[str | None, list[st
 def run(args):
     recipes = parse_recipes(args.recipes)
     ckpt, loras = split_files(args.files, args.ckpt)
+    if not args.overwrite:  # like the UI: an existing output refuses the run (the API skips it with a warning)
+        for lora in loras:
+            for recipe in recipes:
+                target = output_path(args.out, Path(lora).stem, recipe)
+                if target.exists():
+                    raise OrthoLoraError("exists; pass --overwrite to replace it", target)
     report = resize_files(loras, args.out, recipes, ckpt, arch=args.arch, dtype=DTYPES[args.dtype],
                           cache_dir=args.cache_dir, overwrite=args.overwrite, progress=bar(args, "resize"))
     failed = report.totals["failed"]

@@ -30,6 +30,13 @@ def _walk(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     return dict(sorted(found.items(), key=lambda kv: kv[0].lower()))
 
 
+def _same(path: Path) -> str:
+    try:
+        return str(path.resolve())
+    except OSError:
+        return str(path)
+
+
 def _lookup(listing: dict[str, Path], name: str, what: str, folder: Path) -> Path:
     """A listed file by its label, its label without extension, or a unique stem."""
     if not isinstance(name, str) or not name.strip():
@@ -59,17 +66,20 @@ class Folders:
         return _walk(self.cfg.lora_dir, LORA_SUFFIXES)
 
     def checkpoints(self) -> dict[str, Path]:
+        """The host's list (the webui's, with its labels) plus whatever else is in the folders, so
+        a checkpoint written a moment ago shows up before the host refreshes its own list."""
+        found: dict[str, Path] = {}
         if self.cfg.list_checkpoints is not None:
             try:
-                listed = {str(k): Path(v) for k, v in (self.cfg.list_checkpoints() or {}).items()}
+                found = {str(k): Path(v) for k, v in (self.cfg.list_checkpoints() or {}).items()}
             except Exception:  # noqa: BLE001 - a host listing that fails falls back to the folders
-                listed = {}
-            if listed:
-                return listed
-        found: dict[str, Path] = {}
+                found = {}
+        known = {_same(p) for p in found.values()}
         for folder in self.cfg.ckpt_dirs:
             for label, path in _walk(folder, CKPT_SUFFIXES).items():
-                found.setdefault(label, path)
+                if _same(path) not in known and label not in found:
+                    found[label] = path
+                    known.add(_same(path))
         return found
 
     def lora_names(self) -> list[str]:

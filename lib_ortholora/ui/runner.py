@@ -17,6 +17,7 @@ from .config import UiConfig
 from .folders import OVERWRITE_HINT
 
 log = logging.getLogger("ortholora")
+CANCELLED = "■ **Cancelled** — no partial output was kept."
 
 
 class Cancelled(OrthoLoraError):
@@ -113,7 +114,7 @@ def _escape(text: str) -> str:
 
 
 def error_status(message: str) -> str:
-    return f"❌ **Error:** {_escape(message)}"
+    return f"✗ **Error:** {_escape(message)}"
 
 
 def _value(v: Any) -> str:
@@ -128,12 +129,12 @@ def _value(v: Any) -> str:
 
 def report_status(report: Report, label: str, seconds: float, skip: tuple[str, ...] = ()) -> str:
     """Markdown: a done line, the totals, warnings and written files."""
-    lines = [f"✅ **{label}** done in {seconds:.1f} s"]
+    lines = [f"✓ **{label}** finished in {seconds:.1f} s"]
     shown = {k: v for k, v in report.totals.items() if k not in skip and v not in (None, "", {}, [])}
     if shown:
-        lines.append("  \n".join(f"**{_escape(str(k))}**: {_escape(_value(v))}" for k, v in shown.items()))
-    lines += [f"⚠️ {_escape(w)}" for w in report.warnings]
-    lines += [f"💾 wrote `{p}`" for p in report.outputs]
+        lines.append(" · ".join(f"**{_escape(str(k))}** {_escape(_value(v))}" for k, v in shown.items()))
+    lines += [f"⚠ {_escape(w)}" for w in report.warnings]
+    lines += [f"→ wrote `{p}`" for p in report.outputs]
     return "\n\n".join(lines)
 
 
@@ -161,7 +162,7 @@ def execute(cfg: UiConfig, label: str, work: Callable[[Progress], Report], *, ui
     try:
         report = work(bridge)
     except Cancelled:
-        return Outcome(False, "⏹️ **Cancelled** — no partial output was kept.")
+        return Outcome(False, CANCELLED)
     except OrthoLoraError as e:
         return Outcome(False, error_status(user_message(e)))
     except MemoryError:

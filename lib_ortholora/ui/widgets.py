@@ -14,9 +14,9 @@ from ..errors import OrthoLoraError
 from . import compat, plots, views
 from .config import UiConfig
 from .folders import Folders
-from .runner import CancelRegistry, Outcome, error_status
+from .runner import CANCELLED, CancelRegistry, Outcome, error_status
 
-REFRESH = "\U0001f504"  # 🔄
+REFRESH = "\u21bb"  # ↻ (in every common font; the emoji is not)
 NONE = "(none)"
 
 
@@ -194,7 +194,7 @@ class Context:
 
         def on_stop(request: gr.Request):
             if cancels.cancel(getattr(request, "session_hash", None), op):
-                return "⏹️ **Cancelled** — no partial output was kept."
+                return CANCELLED
             return gr.update()
 
         event = run_btn.click(on_run, inputs=list(inputs), outputs=results.outputs + list(extra_outputs),
