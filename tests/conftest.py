@@ -36,3 +36,19 @@ def pairs(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices: one thread is faster, and much faster on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """Demo models (sd15 pair; demo_style, demo_other, demo_joined), built once per session."""
+    from lib_ortholora.ui.standalone import demo_models
+    return demo_models(tmp_path_factory.getbasetemp() / "ortholora-demo-models")

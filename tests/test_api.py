@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -18,22 +17,11 @@ from lib_ortholora.lorafile import read_lora  # noqa: E402
 from lib_ortholora.ui import UiConfig  # noqa: E402
 from lib_ortholora.ui import ops  # noqa: E402
 from lib_ortholora.ui.api import PREFIX, add_routes, options  # noqa: E402
-from lib_ortholora.ui.standalone import demo_models  # noqa: E402
 
 BASE, TUNED = "sd15_base.safetensors", "sd15_tuned.safetensors"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="session")
-def demo_root(tmp_path_factory):
-    return demo_models(tmp_path_factory.getbasetemp() / "ortholora-demo-models")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

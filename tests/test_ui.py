@@ -11,7 +11,6 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 
 gr = pytest.importorskip("gradio")
 
@@ -25,7 +24,6 @@ from lib_ortholora.ui import tab_resize, views  # noqa: E402
 from lib_ortholora.ui.config import Defaults  # noqa: E402
 from lib_ortholora.ui.folders import Folders  # noqa: E402
 from lib_ortholora.ui.runner import Cancelled, CancelRegistry, Outcome, ProgressBridge, execute  # noqa: E402
-from lib_ortholora.ui.standalone import demo_models  # noqa: E402
 from lib_ortholora.ui.widgets import written_signal_html  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,19 +34,7 @@ STUB_TOP = {"networks", "network", "network_lora", "lora_patches", "extra_networ
 BASE, TUNED = "sd15_base.safetensors", "sd15_tuned.safetensors"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matrices: one thread is faster, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="session")
-def demo_root(tmp_path_factory):
-    """Demo models (sd15 pair; demo_style, demo_other, demo_joined), built once per session."""
-    return demo_models(tmp_path_factory.getbasetemp() / "ortholora-demo-models")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
