@@ -23,7 +23,6 @@ from .diag import (META_KEY, DiagSpec, JoinInfo, JoinSource, apply_diag_to_up, d
                    make_join_metadata, parse_diag, safe_source_name)
 from .errors import OrthoLoraError
 from .fileio import open_tensors
-from .keys import Target, name_table
 from .lorafile import LoraFile, read_lora, write_lora
 from .lowrank import LowRank, balanced
 from .modules import NetworkModule
@@ -38,18 +37,11 @@ PathLike = str | os.PathLike
 # Pure parts
 
 
-def layer_shape(shape: tuple[int, ...], target: Target | None) -> tuple[int, ...]:
-    """`shape` in the layer's own layout: a 2-D factor shape of a conv layer becomes 4-D."""
-    if target is None or len(shape) == len(target.shape):
-        return shape
-    inner, k = math.prod(shape[1:]), target.kernel
-    return (shape[0], inner // (k * k), k, k) if len(target.shape) == 4 else (shape[0], inner)
-
-
-def exact_lowrank(module: NetworkModule, target: Target | None = None) -> LowRank:
-    """The module's exact LowRank in the layer's layout, of rank at most min(out, in·k²): its own form
-    when that is narrower, else the exact SVD (of the factors, or of dW for full diffs)."""
-    shape = layer_shape(module.shape, target)
+def exact_lowrank(module: NetworkModule) -> LowRank:
+    """The module's exact LowRank (in its layer's layout, which read_lora gives every module), of rank
+    at most min(out, in·k²): its own form when that is narrower, else the exact SVD (of the factors,
+    or of dW for full diffs)."""
+    shape = module.shape
     full = min(shape[0], math.prod(shape[1:]))
     lr = module.lowrank()
     if lr is not None and lr.rank <= full:
@@ -143,7 +135,7 @@ def read_sources(paths: Sequence[PathLike], report: Report) -> tuple[str, list[d
         raise OrthoLoraError(f"made for {Arch(other.arch).title}, but {first.path} is for {Arch(first.arch).title}",
                              other.path)
     arch = files[0].arch
-    sources = [_source_lowranks(lf, name_table(arch), report) for lf in files]
+    sources = [_source_lowranks(lf, report) for lf in files]
     seen: dict[str, tuple[tuple[int, ...], Path]] = {}
     for lf, source in zip(files, sources):  # each file is self-consistent; the files must agree too
         for name, lr in source.items():
@@ -153,7 +145,7 @@ def read_sources(paths: Sequence[PathLike], report: Report) -> tuple[str, list[d
     return arch, sources
 
 
-def _source_lowranks(lf: LoraFile, table: Mapping[str, Target], report: Report) -> dict[str, LowRank]:
+def _source_lowranks(lf: LoraFile, report: Report) -> dict[str, LowRank]:
     out = {}
     for name, module in lf.modules.items():
         if name in lf.unknown:
@@ -161,7 +153,7 @@ def _source_lowranks(lf: LoraFile, table: Mapping[str, Target], report: Report) 
             continue
         if module.bias_delta() is not None:
             report.warnings.append(f"{lf.stem}: {name}: bias delta dropped (a LoRA cannot hold one)")
-        out[name] = exact_lowrank(module, table.get(name))
+        out[name] = exact_lowrank(module)
     if lf.stray_keys:
         report.warnings.append(f"{lf.stem}: {len(lf.stray_keys)} tensor(s) outside any module ignored")
     return out
