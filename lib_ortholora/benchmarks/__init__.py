@@ -7,7 +7,6 @@ Each module of this package is one benchmark with
 """
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import pkgutil
 import resource
@@ -31,16 +30,35 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _child(name: str, workdir: str, arch: str, prepared: dict, queue) -> None:
+def _phase(queue, fn, args: tuple) -> None:
     start = time.perf_counter()
     try:
-        figures = import_module(f"{__name__}.{name}").measure(Path(workdir), arch, prepared)
+        figures = fn(*args)
     except Exception as e:  # report, do not hang the parent
         queue.put({"error": f"{type(e).__name__}: {e}"})
         return
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     figures["wall_s"] = round(time.perf_counter() - start, 2)
+    figures["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 2)
     figures["peak_rss_mb"] = peak_rss_mb()
     queue.put(figures)
+
+
+def in_child(fn, *args) -> dict:
+    """fn(*args) -> dict run in a fresh (spawned) process: its figures plus wall seconds, CPU seconds
+    (user + system, all threads: what the work costs whatever else the machine runs) and its own
+    peak RSS. `fn` must be a module-level function."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_phase, args=(queue, fn, args))
+    proc.start()
+    figures = queue.get()
+    proc.join()
+    return figures
+
+
+def _measure(name: str, workdir: str, arch: str, prepared: dict) -> dict:
+    return import_module(f"{__name__}.{name}").measure(Path(workdir), arch, prepared)
 
 
 def run(name: str, arch: str, workdir: Path, full: bool = True) -> dict:
@@ -49,14 +67,4 @@ def run(name: str, arch: str, workdir: Path, full: bool = True) -> dict:
         raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")
     workdir.mkdir(parents=True, exist_ok=True)
     prepared = import_module(f"{__name__}.{name}").prepare(workdir, arch, full)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(name, str(workdir), arch, prepared, queue))
-    proc.start()
-    figures = queue.get()
-    proc.join()
-    return {"benchmark": name, "arch": arch, "full": full, **figures}
-
-
-def dumps(figures: dict) -> str:
-    return json.dumps(figures, indent=1)
+    return {"benchmark": name, "arch": arch, "full": full, **in_child(_measure, name, str(workdir), arch, prepared)}

@@ -1,18 +1,17 @@
 """Resize benchmark: a rank-128 LoRA on every linear target of a full-size synthetic base, three
 base-aware recipes with a cold and a warm norm cache, a kohya-equivalent sv_ratio run, a subspace
 run (streams the base), an SD1.5 rank-32 → 16 resize against the dense SVD kohya's script does,
-and σ_max methods on full-size layers. Each phase runs in its own process (its own peak RSS)."""
+and σ_max methods on full-size layers. Each phase runs in its own process (benchmarks.in_child: its own peak RSS)."""
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
-import resource
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from . import in_child
 from ..arch import Arch, spec
 from ..fileio import open_tensors
 from ..keys import Target, targets
@@ -62,28 +61,6 @@ def prepare(workdir: Path, arch: str, full: bool) -> dict:
         random_lora(small, "sd15", 32, full, seed=1)
     return {"base": str(base), "lora": str(lora), "sd15": str(small), "modules": modules,
             "lora_mb": round(lora.stat().st_size / 2**20, 1)}
-
-
-def _phase(queue, fn, *args) -> None:
-    start = time.perf_counter()
-    figures = fn(*args)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    figures["s"] = round(time.perf_counter() - start, 2)
-    figures["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 2)
-    figures["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
-    queue.put(figures)
-
-
-def _in_child(fn, *args) -> dict:
-    """Run fn(*args) -> dict in a fresh process; its figures plus wall seconds, CPU seconds (user +
-    system, all threads: what the work costs whatever else the machine runs) and peak RSS."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_phase, args=(queue, fn, *args))
-    proc.start()
-    figures = queue.get()
-    proc.join()
-    return figures
 
 
 def _resize(lora: str, out: str, recipes: str, base: str | None, cache: str) -> dict:
@@ -157,10 +134,10 @@ def measure(workdir: Path, arch: str, prepared: dict) -> dict:
     base, lora = prepared["base"], prepared["lora"]
     figures = {"modules": prepared["modules"], "rank": RANK, "lora_mb": prepared["lora_mb"],
                "threads": torch.get_num_threads(), "recipes": RECIPES}
-    figures["cold"] = _in_child(_resize, lora, str(out), RECIPES, base, str(cache))
-    figures["warm"] = _in_child(_resize, lora, str(out), RECIPES, base, str(cache))
-    figures["kohya_sv_ratio"] = _in_child(_resize, lora, str(out), KOHYA, None, str(cache))
-    figures["subspace_warm"] = _in_child(_resize, lora, str(out), SUBSPACE, base, str(cache))
-    figures["sd15_r32_to_16"] = _in_child(_kohya_comparison, prepared["sd15"], str(out))
-    figures["sigma_max_methods"] = _in_child(_spectral_methods, base)
+    figures["cold"] = in_child(_resize, lora, str(out), RECIPES, base, str(cache))
+    figures["warm"] = in_child(_resize, lora, str(out), RECIPES, base, str(cache))
+    figures["kohya_sv_ratio"] = in_child(_resize, lora, str(out), KOHYA, None, str(cache))
+    figures["subspace_warm"] = in_child(_resize, lora, str(out), SUBSPACE, base, str(cache))
+    figures["sd15_r32_to_16"] = in_child(_kohya_comparison, prepared["sd15"], str(out))
+    figures["sigma_max_methods"] = in_child(_spectral_methods, base)
     return figures
