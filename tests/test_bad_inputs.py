@@ -615,18 +615,21 @@ def output_ops(kit, out_file: Path, out_dir: Path, overwrite: bool = False) -> d
     }
 
 
-def _output_of(op: str, out_file: Path, out_dir: Path) -> Path:
-    return {"resize": out_dir / "good_rank2.safetensors", "ortho": out_dir / "ortho_shared.safetensors"}.get(op, out_file)
+def _existing_output(kit, tmp_path: Path, op: str, content: bytes) -> tuple[Path, Path, Path, "Guard"]:
+    """An output folder whose file for `op` already holds `content`: (out_dir, out_file, that file,
+    a Guard over it and the inputs)."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out_file = out_dir / "out.safetensors"
+    target = {"resize": out_dir / "good_rank2.safetensors",
+              "ortho": out_dir / "ortho_shared.safetensors"}.get(op, out_file)
+    target.write_bytes(content)
+    return out_dir, out_file, target, Guard([target, kit.base, kit.tuned, kit.lora, kit.lora2], [out_dir])
 
 
 @pytest.mark.parametrize("op", ["extract", "merge", "join", "mix", "diag", "resize", "ortho"])
 def test_output_that_exists_is_not_replaced(kit, tmp_path, capsys, op):
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    out_file = out_dir / "out.safetensors"
-    target = _output_of(op, out_file, out_dir)
-    target.write_bytes(b"keep me")
-    guard = Guard([target, kit.base, kit.tuned, kit.lora, kit.lora2], [out_dir])
+    out_dir, out_file, target, guard = _existing_output(kit, tmp_path, op, b"keep me")
     refused_everywhere(output_ops(kit, out_file, out_dir)[op], [target], r"exists", capsys, guard)
     assert target.read_bytes() == b"keep me"
 
@@ -678,12 +681,7 @@ class FullDisk:
 def test_disk_fills_up_mid_write(kit, tmp_path, capsys, monkeypatch, op):
     """The write fails after some bytes: one line naming the output, the previous output (asked to
     be overwritten) and the inputs intact, no temp file left."""
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    out_file = out_dir / "out.safetensors"
-    target = _output_of(op, out_file, out_dir)
-    target.write_bytes(b"previous version")
-    guard = Guard([target, kit.base, kit.tuned, kit.lora, kit.lora2], [out_dir])
+    out_dir, out_file, target, guard = _existing_output(kit, tmp_path, op, b"previous version")
     real_open = open
     monkeypatch.setattr(fileio, "open", lambda *a, **k: FullDisk(real_open(*a, **k), 1000), raising=False)
     api, argv = output_ops(kit, out_file, out_dir, overwrite=True)[op]
