@@ -63,15 +63,15 @@ def read_ahead(base: TensorFile, tuned: TensorFile, keys: list[str]) -> Iterator
     """(base, tuned) tensors for each key in order, the next distinct key read by a background
     thread while the caller computes (file reads release the GIL); a repeated key (q/k/v rows of
     one in_proj) is read once. At most two layers are held."""
+    order = list(dict.fromkeys(keys))  # consecutive repeats share one read
+    fetch = lambda key: (base.get(key), tuned.get(key))  # noqa: E731
     with ThreadPoolExecutor(max_workers=1) as pool:
-        fetch = lambda key: (base.get(key), tuned.get(key))  # noqa: E731
-        current_key, pending = None, None
-        for n, key in enumerate(keys):
+        pending = pool.submit(fetch, order[0]) if order else None
+        current_key, current, n = None, None, 0
+        for key in keys:
             if key != current_key:
-                current = pending.result() if pending is not None else fetch(key)
-                current_key = key
-                nxt = next((k for k in keys[n + 1:] if k != key), None)
-                pending = pool.submit(fetch, nxt) if nxt is not None else None
+                current_key, current, n = key, pending.result(), n + 1
+                pending = pool.submit(fetch, order[n]) if n < len(order) else None
             yield current
 
 
