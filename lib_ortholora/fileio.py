@@ -273,10 +273,10 @@ def _check_entry(name: str, entry: object, data_size: int, path: Path
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
         raise bad(f"data_offsets {offsets!r} is not a pair of integers")
     begin, end = offsets
-    if 0 <= begin <= end and end > data_size:
-        raise OrthoLoraError(f"truncated or corrupt safetensors file (tensor {name!r}: data_offsets "
-                             f"{offsets} out of range: the data section has only {data_size} bytes)", path)
     if not 0 <= begin <= end <= data_size:
+        if 0 <= begin <= end:  # well-formed offsets past the end: the file was cut short
+            raise OrthoLoraError(f"truncated or corrupt safetensors file (tensor {name!r}: data_offsets "
+                                 f"{offsets} out of range: the data section has only {data_size} bytes)", path)
         raise bad(f"data_offsets {offsets} out of range (data section has {data_size} bytes)")
     expected = math.prod(shape) * dtype.itemsize
     if end - begin != expected:
