@@ -13,7 +13,8 @@ vector v rescales that axis: dW = up · diag(v) · down · scale. This module ho
   ``OrthoLoraError``; nothing else escapes.
 - ``JoinInfo`` / ``join_info_from_metadata`` / ``make_join_metadata``: the ``ortholora_join``
   metadata (JSON) the join writes and the runtime hook reads.
-- ``diag_vector(spec, info, module)``: the float32 vector for one module.
+- ``diag_vector(spec, info, module)``: the float32 vector for one module; ``SliceIndex``: a
+  joined file's modules grouped by slice layout once, so a spec costs one vector per layout.
 - ``apply_diag_to_up(up, v)``: up's columns scaled by v (2-D [out, r] or kohya 4-D [out, r, 1, 1]).
 
 No webui import here; the hook (scripts/ortholora_hook.py) is a thin adapter over these.
@@ -24,7 +25,9 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -182,6 +185,12 @@ class JoinInfo:
     def total_rank(self, module: str) -> int:
         return sum(self.module_ranks(module))
 
+    @cached_property
+    def full_ranks(self) -> tuple[int, ...]:
+        """Each source's largest rank over all modules: the blocks of a per-rank vector that does
+        not match a module's own rank (see ``layout_vector``)."""
+        return tuple(max(col) for col in zip(*self.ranks.values())) if self.ranks else (0,) * len(self.sources)
+
 
 def safe_source_name(text: str) -> str:
     """``text`` made usable as a source name (reserved characters and whitespace runs → '_')."""
@@ -294,27 +303,82 @@ def make_join_metadata(sources: Sequence, ranks: Mapping[str, Sequence[int]]) ->
 # --------------------------------------------------------------------------- vectors
 
 
-def diag_vector(spec: DiagSpec | None, info: JoinInfo, module: str) -> torch.Tensor | None:
-    """The float32 diag vector of ``module`` (length Σ r_i); None when ``spec`` is None."""
-    if spec is None:
-        return None
-    ranks = info.module_ranks(module)
-    total = sum(ranks)
-    if spec.kind == "rank":
-        if len(spec.values) != total:
-            raise OrthoLoraError(
-                f"diag vector has {len(spec.values)} values but module {module} has rank {total} "
-                f"({'+'.join(str(r) for r in ranks)})")
-        return torch.tensor(spec.values, dtype=torch.float32)
-    known = info.names
+def _plus(ranks: Iterable[int]) -> str:
+    return "+".join(str(r) for r in ranks)
+
+
+def _slice_values(spec: DiagSpec, info: JoinInfo) -> list[float]:
+    """A per-slice spec's value for each source, in source order (1 where not named)."""
     value_of = dict(spec.slices)
-    unknown = [n for n in value_of if n not in known]
+    unknown = [n for n in value_of if n not in info.names]
     if unknown:
         raise OrthoLoraError(
-            f"diag spec names unknown source(s) {', '.join(unknown)}; this LoRA joins {', '.join(known)}")
-    parts = [torch.full((r,), float(value_of.get(n, 1.0)), dtype=torch.float32)
-             for n, r in zip(known, ranks) if r]
-    return torch.cat(parts)
+            f"diag spec names unknown source(s) {', '.join(unknown)}; this LoRA joins {', '.join(info.names)}")
+    return [float(value_of.get(n, 1.0)) for n in info.names]
+
+
+def layout_vector(spec: DiagSpec, info: JoinInfo, ranks: tuple[int, ...], module: str) -> torch.Tensor:
+    """The float32 vector of a module whose per-source ranks are ``ranks`` (``module`` names it in errors).
+
+    Per slice: source i's value repeated r_i times. Per rank (n values): the values as they are when
+    n = Σ r_i; otherwise, when n = Σ R_i (R = ``info.full_ranks``), v is read as one block of R_i
+    values per source: a source the module lacks (r_i = 0) is skipped, a full one (r_i = R_i) takes
+    its block, a partial one (0 < r_i < R_i) takes its block's value if the block is constant (which
+    r_i of the R_i values were meant is otherwise unknown: refused). Anything else is refused.
+    """
+    if spec.kind == "slice":
+        return torch.tensor([x for x, r in zip(_slice_values(spec, info), ranks) for _ in range(r)],
+                            dtype=torch.float32)
+    n, total, full = len(spec.values), sum(ranks), info.full_ranks
+    if n == total:
+        return torch.tensor(spec.values, dtype=torch.float32)
+    if n != sum(full):
+        raise OrthoLoraError(
+            f"diag vector has {n} values but module {module} has rank {total} ({_plus(ranks)}); a per-rank v "
+            f"needs the module's rank or the sources' full ranks {_plus(full)} = {sum(full)}")
+    parts: list[float] = []
+    start = 0
+    for name, r, whole in zip(info.names, ranks, full):
+        block = spec.values[start:start + whole]
+        start += whole
+        if r == whole:
+            parts.extend(block)
+        elif r:
+            if len(set(block)) > 1:
+                raise OrthoLoraError(
+                    f"module {module} has {r} of source {name}'s {whole} ranks and v varies over that source's "
+                    f"ranks; give that source one value (or use per-slice name=value)")
+            parts.extend(block[:1] * r)
+    return torch.tensor(parts, dtype=torch.float32)
+
+
+def diag_vector(spec: DiagSpec | None, info: JoinInfo, module: str) -> torch.Tensor | None:
+    """The float32 diag vector of ``module`` (length Σ r_i, see ``layout_vector``); None when ``spec`` is None."""
+    if spec is None:
+        return None
+    return layout_vector(spec, info, info.module_ranks(module), module)
+
+
+@dataclass(frozen=True)
+class SliceIndex:
+    """A joined LoRA's modules grouped by slice layout (their per-source ranks), built once per loaded
+    file: a spec then costs one vector per distinct layout, shared by the modules of that layout."""
+
+    info: JoinInfo
+    groups: tuple[tuple[tuple[int, ...], tuple[str, ...]], ...]
+    """(layout, module names) in first-seen order."""
+
+    @classmethod
+    def of(cls, info: JoinInfo, modules: Iterable[str]) -> SliceIndex:
+        """Index ``modules``; OrthoLoraError when the metadata lacks one of them."""
+        by_layout: dict[tuple[int, ...], list[str]] = {}
+        for name in modules:
+            by_layout.setdefault(info.module_ranks(name), []).append(name)
+        return cls(info, tuple((layout, tuple(names)) for layout, names in by_layout.items()))
+
+    def vectors(self, spec: DiagSpec) -> list[torch.Tensor]:
+        """One vector per group, in ``groups`` order; OrthoLoraError names a module that cannot take ``spec``."""
+        return [layout_vector(spec, self.info, layout, names[0]) for layout, names in self.groups]
 
 
 def apply_diag_to_up(up: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

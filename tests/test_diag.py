@@ -13,6 +13,7 @@ from lib_ortholora.diag import (
     DiagSpec,
     JoinInfo,
     JoinSource,
+    SliceIndex,
     apply_diag_to_up,
     diag_vector,
     join_info_from_metadata,
@@ -191,10 +192,39 @@ def test_diag_vector_per_rank():
     v = diag_vector(parse_diag("1*4,0,0.5"), info, "lora_unet_a")
     assert v.dtype == torch.float32
     assert v.tolist() == [1, 1, 1, 1, 0, 0.5]
-    with pytest.raises(OrthoLoraError, match=r"lora_te_b.*rank 2"):
-        diag_vector(parse_diag("1*4,0,0.5"), info, "lora_te_b")
     with pytest.raises(OrthoLoraError, match="lora_unet_zzz"):
         diag_vector(parse_diag("1"), info, "lora_unet_zzz")
+
+
+def test_diag_vector_per_rank_on_varying_ranks():
+    """Ranks a 4+2, te_b 0+2, c 3+0 (full ranks 4+2): a 6-value v reads as a block per source."""
+    info = _info()
+    assert info.full_ranks == (4, 2)
+    spec = parse_diag("1*4,0,0.5")
+    assert diag_vector(spec, info, "lora_te_b").tolist() == [0, 0.5]  # lacks disney: krk's block
+    assert diag_vector(spec, info, "lora_unet_c").tolist() == [1, 1, 1]  # 3 of disney's 4, block constant
+    with pytest.raises(OrthoLoraError, match=r"lora_unet_c has 3 of source disney's 4 ranks") as e:
+        diag_vector(parse_diag("1,0,1,1,0,0.5"), info, "lora_unet_c")
+    assert "\n" not in str(e.value)
+    assert diag_vector(parse_diag("2,3"), info, "lora_te_b").tolist() == [2, 3]  # the module's own rank
+    with pytest.raises(OrthoLoraError, match=r"lora_unet_a has rank 6 \(4\+2\).*full ranks 4\+2 = 6"):
+        diag_vector(parse_diag("2,3"), info, "lora_unet_a")
+
+
+def test_slice_index_one_vector_per_layout():
+    ranks = {"lora_unet_a": [4, 2], "lora_te_b": [0, 2], "lora_unet_c": [3, 0], "lora_unet_d": [4, 2]}
+    info = join_info_from_metadata({"ortholora_join": make_join_metadata(SOURCES, ranks)})
+    index = SliceIndex.of(info, ["lora_unet_a", "lora_te_b", "lora_unet_d"])
+    assert index.groups == (((4, 2), ("lora_unet_a", "lora_unet_d")), ((0, 2), ("lora_te_b",)))
+    vs = index.vectors(parse_diag("krk@0.5"))
+    assert [v.tolist() for v in vs] == [[1, 1, 1, 1, 0.5, 0.5], [0.5, 0.5]]
+    for (_, names), v in zip(index.groups, vs):
+        for name in names:
+            assert torch.equal(diag_vector(parse_diag("krk@0.5"), info, name), v)
+    with pytest.raises(OrthoLoraError, match="lora_unet_zzz"):
+        SliceIndex.of(info, ["lora_unet_zzz"])
+    with pytest.raises(OrthoLoraError, match="pixar"):
+        index.vectors(parse_diag("pixar@0"))
 
 
 def test_diag_vector_per_slice():
