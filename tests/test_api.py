@@ -32,7 +32,7 @@ def api(demo_root, tmp_path, monkeypatch):
     cfg = UiConfig.for_models(models, on_written=written.append)
     app = FastAPI()
     add_routes(app, cfg)
-    client = TestClient(app)
+    client = TestClient(app, base_url="http://127.0.0.1")  # a Host the routes answer to
     client.models, client.written = models, written
     return client
 

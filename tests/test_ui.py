@@ -404,7 +404,7 @@ def test_webui_adapter_registers_tab_settings_and_api(webui):
     paths = {r.path for r in app.routes}
     for op in ("extract", "merge", "join", "mix", "resize", "ortho", "inspect"):
         assert f"/ortholora/v1/{op}" in paths
-    r = TestClient(app).post("/ortholora/v1/inspect", json={"file": "demo_joined"})
+    r = TestClient(app, base_url="http://127.0.0.1").post("/ortholora/v1/inspect", json={"file": "demo_joined"})
     assert r.status_code == 200 and r.json()["operation"] == "inspect"
 
 
@@ -440,7 +440,7 @@ def test_webui_checkpoint_list_and_api_auth(webui):
     webui.shared.cmd_opts.api, webui.shared.cmd_opts.api_auth = True, "alice:secret"
     app = FastAPI()
     webui.tab.on_app_started(None, app)
-    client = TestClient(app)
+    client = TestClient(app, base_url="http://127.0.0.1")  # a Host the routes answer to
     assert client.get("/ortholora/v1/files").status_code == 401
     r = client.get("/ortholora/v1/files", auth=("alice", "secret"))
     assert r.status_code == 200 and r.json()["checkpoints"] == ["renamed/base.safetensors", TUNED]

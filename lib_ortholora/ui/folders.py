@@ -16,11 +16,23 @@ OVERWRITE_HINT = "tick “Overwrite existing files” (API: \"overwrite\": true)
 
 
 def _walk(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
-    """{relative posix path: file} of every file with one of `suffixes` below `folder`, sorted."""
+    """{relative posix path: file} of every file with one of `suffixes` below `folder`, sorted.
+    Symlinked folders are followed, each real folder once (under the first name met in sorted
+    order), so links that loop back end the walk instead of branching forever."""
     found: dict[str, Path] = {}
     if not folder.is_dir():
         return found
+    seen: set[tuple[int, int]] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
+        try:
+            st = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if name.startswith(".") or not name.lower().endswith(suffixes):
