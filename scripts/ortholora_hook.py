@@ -9,7 +9,7 @@ Write per-slice values with '@' inside a prompt: the built-in runtime treats an 
 '=' as a positional multiplier and fails the batch. Where this extension is absent, the built-in
 runtime ignores ``v=`` and the joined LoRA works with all ranks on.
 
-How it works (see docs/webui.md "A hook design that works"):
+How it works (see docs/webui.md#hook):
 1. ``ModuleTypeOrthoLora`` goes first in ``networks.module_types``. It claims the lora_up/lora_down
    layers of networks whose file metadata carries ``ortholora_join`` and returns an
    ``OrthoLoraModule``, a ``NetworkModuleLora`` whose ``calc_updown`` (merged mode) and ``forward``
