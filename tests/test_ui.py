@@ -27,10 +27,7 @@ from lib_ortholora.ui.runner import Cancelled, CancelRegistry, Outcome, Progress
 from lib_ortholora.ui.widgets import written_signal_html  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-STUB = ROOT / "tests" / "webui_stub"
 TAB_SCRIPT = ROOT / "scripts" / "ortholora_tab.py"
-STUB_TOP = {"networks", "network", "network_lora", "lora_patches", "extra_networks_lora", "stub_model",
-            "modules", "ortholora_tab"}
 BASE, TUNED = "sd15_base.safetensors", "sd15_tuned.safetensors"
 
 
@@ -342,36 +339,24 @@ def test_outcome_values_fill_every_output(cfg):
 # --------------------------------------------------------------------------- webui adapter
 
 
-def _stub_names():
-    return [k for k in sys.modules if k.split(".")[0] in STUB_TOP]
-
-
 @pytest.fixture
-def webui(models, monkeypatch):
-    """tests/webui_stub on sys.path with cmd_opts pointing at the demo models; removed afterwards."""
-    saved = {k: sys.modules.pop(k) for k in _stub_names()}
-    sys.path.insert(0, str(STUB))
-    try:
-        from modules import script_callbacks, shared
-        script_callbacks.callback_map.clear()
-        shared.cmd_opts.lora_dir = str(models / "Lora")
-        shared.cmd_opts.ckpt_dir = None
-        paths = types.ModuleType("modules.paths")
-        paths.models_path = str(models)
-        sys.modules["modules.paths"] = paths
-        import networks
-        networks.list_available_networks()
-        spec = importlib.util.spec_from_file_location("ortholora_tab", TAB_SCRIPT)
-        tab = importlib.util.module_from_spec(spec)
-        sys.modules["ortholora_tab"] = tab
-        spec.loader.exec_module(tab)
-        yield types.SimpleNamespace(tab=tab, shared=shared, callbacks=script_callbacks, networks=networks,
-                                    models=models)
-    finally:
-        sys.path.remove(str(STUB))
-        for k in _stub_names():
-            del sys.modules[k]
-        sys.modules.update(saved)
+def webui(models, stub_path):
+    """The webui stand-in (conftest's stub_path) with cmd_opts pointing at the demo models."""
+    from modules import script_callbacks, shared
+    script_callbacks.callback_map.clear()
+    shared.cmd_opts.lora_dir = str(models / "Lora")
+    shared.cmd_opts.ckpt_dir = None
+    paths = types.ModuleType("modules.paths")
+    paths.models_path = str(models)
+    sys.modules["modules.paths"] = paths
+    import networks
+    networks.list_available_networks()
+    spec = importlib.util.spec_from_file_location("ortholora_tab", TAB_SCRIPT)
+    tab = importlib.util.module_from_spec(spec)
+    sys.modules["ortholora_tab"] = tab
+    spec.loader.exec_module(tab)
+    return types.SimpleNamespace(tab=tab, shared=shared, callbacks=script_callbacks, networks=networks,
+                                 models=models)
 
 
 def test_webui_adapter_registers_tab_settings_and_api(webui):
