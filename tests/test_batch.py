@@ -123,6 +123,7 @@ def test_batch_inspect_memory_flat_and_corrupt_file_reported(folder, tmp_path):
     _assert_flat(result["samples"], per_file, "inspect")
 
 
+@pytest.mark.slow
 def test_batch_resize_memory_flat_and_corrupt_file_reported(folder, tmp_path):
     paths, per_file = folder
     out = tmp_path / "resized"

@@ -181,6 +181,7 @@ def test_merge_into_checkpoint(cfg, models):
     assert not o.ok and "no LoRA chosen" in o.status
 
 
+@pytest.mark.slow
 def test_join_inspect_prompt_tag_and_bake(cfg, models):
     o = tab_joinmix.run(cfg, ["demo_style.safetensors", "demo_other.safetensors"], tab_joinmix.MODES[0],
                         "1, -0.5", "a, b", "", "fp32", "joined_ab")
@@ -220,6 +221,7 @@ def test_mix(cfg, models):
     assert not o.ok and "rank policy" in o.status
 
 
+@pytest.mark.slow
 def test_ortho_alignment_heatmap(cfg, models):
     o = tab_ortho.run(cfg, ["demo_style.safetensors", "demo_joined.safetensors"], True, "orth", 2, True, False, "",
                       "fp16")
@@ -242,6 +244,7 @@ def test_ortho_alignment_heatmap(cfg, models):
     assert not o.ok and "Error" in o.status
 
 
+@pytest.mark.slow
 def test_resize_with_recipes(cfg, models, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # base-norm cache
     if not ops.resize_available():
