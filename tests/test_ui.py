@@ -23,7 +23,9 @@ from lib_ortholora.ui import ops, plots, tab_extract, tab_inspect, tab_joinmix, 
 from lib_ortholora.ui import tab_resize, views  # noqa: E402
 from lib_ortholora.ui.config import Defaults  # noqa: E402
 from lib_ortholora.ui.folders import Folders  # noqa: E402
+from lib_ortholora.report import Report  # noqa: E402
 from lib_ortholora.ui.runner import Cancelled, CancelRegistry, Outcome, ProgressBridge, execute  # noqa: E402
+from lib_ortholora.ui.runner import report_status  # noqa: E402
 from lib_ortholora.ui.widgets import written_signal_html  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +147,14 @@ def test_extract_writes_into_the_lora_folder_with_table_and_plots(cfg, models):
     # the spectrum of any other module, as the module dropdown asks for it
     fig = views.spectrum_view(Folders(cfg).lora(o.source), o.modules[-1])
     assert isinstance(fig, Figure)
+
+
+
+def test_status_gives_one_timing():
+    """The done line says how long the run took; the report's own `seconds` total is not repeated."""
+    status = report_status(Report("extract", totals={"modules": 350, "seconds": 1.56}), "Extract", 5.2)
+    assert "finished in 5.2 s" in status and "**modules** 350" in status
+    assert "seconds" not in status and "1.56" not in status
 
 
 def test_escaping_output_names_are_refused(cfg, models):
