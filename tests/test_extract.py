@@ -70,6 +70,7 @@ def test_ranks_follow_policy_and_conv_policy(pairs, tmp_path):
     assert lora.modules["lora_unet_down_blocks_0_resnets_0_conv1"].up.shape[2:] == (1, 1)
 
 
+@pytest.mark.slow
 def test_sv_ratio_policy_finds_true_rank(pairs, tmp_path):
     base, tuned = pairs("sd15")  # exact rank-8 deltas with σ_i ∝ 0.8^i
     report = extract_lora(base, tuned, "sv_ratio=1000", save_path=tmp_path / "x.safetensors", conv=False)
@@ -122,6 +123,7 @@ def test_malicious_ckpt_refused(pairs, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_mismatched_architectures(pairs, tmp_path):
     with pytest.raises(OrthoLoraError, match="SD1.x.*SDXL|SDXL.*SD1.x"):
         extract_lora(pairs("sd15")[0], pairs("sdxl")[1], 4, save_path=tmp_path / "x.safetensors")
