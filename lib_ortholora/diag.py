@@ -1,4 +1,4 @@
-"""Per-rank / per-slice diag vectors for joined LoRAs (F§5, DESIGN "Joined-LoRA metadata").
+"""Per-rank / per-slice diag vectors for joined LoRAs (docs/formats.md#diag, docs/formats.md#join-metadata).
 
 A joined LoRA stores, for every module, the concatenation of its sources' rank axes. A diag
 vector v rescales that axis: dW = up · diag(v) · down · scale. This module holds the pure parts:

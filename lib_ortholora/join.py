@@ -1,4 +1,4 @@
-"""Exact join of LoRAs along the rank axis, with `ortholora_join` slices metadata (F§5, DESIGN).
+"""Exact join of LoRAs along the rank axis, with `ortholora_join` slices metadata (docs/formats.md#join).
 
 Per module, Σ_i c_i·up_i·down_i with c_i = ratio_i·alpha_i/r_i (signed ratios allowed) is written as
 one LoRA of rank Σ r_i and scale 1 (alpha = rank):

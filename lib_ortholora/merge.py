@@ -1,4 +1,4 @@
-"""Merge LoRAs into a checkpoint, streamed tensor by tensor (F§5).
+"""Merge LoRAs into a checkpoint, streamed tensor by tensor (docs/formats.md#merge).
 
 For every mapped layer W ← cast(W.float() + Σ_i m_i·dW_i) to the output dtype; open_clip q/k/v add
 into their row blocks of `in_proj_weight`; full-diff bias deltas add into the layer's bias (row

@@ -1,4 +1,4 @@
-"""Weighted LoRA + LoRA merge done right (F§4–5): exact join, then QR-SVD recompression.
+"""Weighted LoRA + LoRA merge done right (docs/formats.md#mix): exact join, then QR-SVD recompression.
 
 Per module D = Σ_i ratio_i·dW_i is first the exact concatenated LowRank (never adding factors of
 different LoRAs, which would create cross terms); its SVD D = U·S·Vᴴ comes from the factors

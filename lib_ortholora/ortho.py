@@ -1,4 +1,4 @@
-"""Orthogonalize K ≥ 2 LoRAs (F§6): shared and secondary directions, λ, residuals, all exact.
+"""Orthogonalize K ≥ 2 LoRAs (docs/formats.md#ortho): shared and secondary directions, λ, residuals, all exact.
 
 Objective, per layer (default): min over λ ∈ R^K and a direction v of Σ_k ‖dW_k − λ_k·v‖²_F, the
 top singular pair of the K × N matrix of flattened deltas. Solved exactly from the Gram matrix
@@ -132,7 +132,7 @@ def compress(b: Basis, w: torch.Tensor, shape: tuple[int, ...], policy: RankPoli
              floors: torch.Tensor) -> list[tuple[LowRank | None, float]]:
     """Σ_k w_ik·dW_k for each row i of `w` [n, K], as balanced factors: SVD Uc·S·Vcᵀ of the core
     Ru·diag(w_i[owner])·Rdᵀ (R×R, batched), up = Qu·Uc·√S, down = √S·Vcᵀ·Qdᵀ (the QR-factor SVD
-    of F§4, one QR pair and one product per side for all outputs). Singular values ≤ floors[i] are
+    in docs/formats.md#factor-svd; one QR pair and one product per side for all outputs). Singular values ≤ floors[i] are
     rounding noise; `policy` (None: keep the rest, exact) picks the rank. Returns per row the
     factors (None when rank 0) and the relative Frobenius error of the truncation."""
     uc, s, vch = torch.linalg.svd((b.ru * w[:, b.owner][:, None, :]) @ b.rd.T, full_matrices=False)

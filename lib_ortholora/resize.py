@@ -1,4 +1,4 @@
-"""Resize LoRAs (F§4): exact SVD of every layer from its factors, recipes (scores.py), batches.
+"""Resize LoRAs (docs/formats.md#resize): exact SVD of every layer from its factors, recipes (scores.py), batches.
 
 Decomposition of ΔW = c·up·down (c = alpha/r, up [out, r], down [r, in·k·k]) without forming it:
 from the R factors of Householder QRs up = Q_u·R_u and downᵀ = Q_d·R_d (float32; Q is never

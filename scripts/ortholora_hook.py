@@ -15,7 +15,7 @@ It does so in ``process`` (the first callback after the styles are applied: ``al
 and are left alone. Where this extension is absent, the built-in runtime ignores ``v=a@1`` and
 the joined LoRA works with all ranks on.
 
-How v is applied (see docs/webui.md "A hook design that works"):
+How v is applied (see docs/webui.md#hook):
 1. ``ModuleTypeOrthoLora`` goes first in ``networks.module_types``. It claims the lora_up/lora_down
    layers of networks whose file carries ``ortholora_join`` — read from the file's own header when
    the webui loads it, so the slice layout is always that of the bytes being applied — and returns

@@ -2,6 +2,8 @@
 real operations answer the report as JSON; bad input answers 400 with the one-line message."""
 from __future__ import annotations
 
+import argparse
+import inspect
 import shutil
 from pathlib import Path
 
@@ -13,6 +15,7 @@ pytest.importorskip("httpx")
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
+from lib_ortholora.cli import parser as cli_parser  # noqa: E402
 from lib_ortholora.lorafile import read_lora  # noqa: E402
 from lib_ortholora.ui import UiConfig  # noqa: E402
 from lib_ortholora.ui import ops  # noqa: E402
@@ -142,9 +145,39 @@ def test_resize_and_diag(api):
     assert (api.models / "Lora" / "only_style.safetensors").is_file()
 
 
-def test_options_mirror_the_cli():
-    assert set(options(ops.extract)) == {"base", "tuned", "out", "dim", "conv_dim", "no_conv", "skip", "svd",
-                                         "device", "dtype", "overwrite"}
-    assert set(options(ops.merge)) == {"base", "loras", "out", "multiplier", "dtype", "overwrite"}
-    assert set(options(ops.join)) == {"loras", "out", "ratio", "names", "dtype", "overwrite"}
-    assert set(options(ops.mix)) == {"loras", "out", "rank", "ratio", "dtype", "overwrite"}
+# Where the JSON API and the CLI differ on purpose: {operation: (CLI-only options, API-only options)}.
+CLI_PRINTING = {"json", "quiet"}  # how the CLI prints its report; the API always answers JSON
+API_DIFFERS = {
+    # the API takes LoRA names (and `ckpt`) relative to the models folders, writes into the LoRA
+    # folder, and keeps the norm cache where the server has it
+    "resize": ({"files", "out", "cache_dir"}, {"loras"}),
+    # outputs go to the LoRA folder; `write` says whether to write them at all (CLI: -o or not)
+    "ortho": ({"out"}, {"write"}),
+    # the tab shortens long metadata values
+    "inspect": (set(), {"full_metadata"}),
+}
+
+
+@pytest.fixture(scope="module")
+def cli_commands():
+    """{command: (option dests, required dests)} from the real argparse parsers."""
+    parser, _ = cli_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    out = {}
+    for name, p in sub.choices.items():
+        actions = [a for a in p._actions if not isinstance(a, argparse._HelpAction)]
+        out[name] = ({a.dest for a in actions}, {a.dest for a in actions if a.required or not a.option_strings})
+    return out
+
+
+@pytest.mark.parametrize("op", sorted(ops.OPERATIONS))
+def test_options_mirror_the_cli(op, cli_commands):
+    assert op in cli_commands, f"the API has {op!r} but the CLI does not"
+    cli, cli_required = cli_commands[op]
+    assert CLI_PRINTING <= cli
+    cli_only, api_only = API_DIFFERS.get(op, (set(), set()))
+    api = options(ops.OPERATIONS[op])
+    assert cli_only <= cli and api_only <= set(api) and not api_only & cli, "API_DIFFERS is out of date"
+    assert set(api) - api_only == cli - CLI_PRINTING - cli_only
+    api_required = {k for k, (_, default) in api.items() if default is inspect.Parameter.empty}
+    assert api_required - api_only <= cli_required, "an option the API requires is optional on the CLI"

@@ -579,6 +579,7 @@ def test_all_zero_layers_are_handled(kit, tmp_path):
     merge_lora(kit.base, zero, 1.0, tmp_path / "m.safetensors")
 
 
+@pytest.mark.slow
 def test_all_zero_everything_leaves_nothing_to_write(kit, tmp_path, capsys):
     zero = _zero_lora(kit, tmp_path, all_zero=True)
     o = tmp_path / "mx.safetensors"

@@ -113,6 +113,7 @@ def _assert_flat(samples, per_file: int, what: str) -> None:
     assert peak_grown < bound, f"peak RSS grew {peak_grown * mib:.1f} MiB after {WARMUP} files; {detail}"
 
 
+@pytest.mark.slow
 def test_batch_inspect_memory_flat_and_corrupt_file_reported(folder, tmp_path):
     paths, per_file = folder
     result = _run("inspect", paths, tmp_path)
@@ -123,6 +124,7 @@ def test_batch_inspect_memory_flat_and_corrupt_file_reported(folder, tmp_path):
     _assert_flat(result["samples"], per_file, "inspect")
 
 
+@pytest.mark.slow
 def test_batch_resize_memory_flat_and_corrupt_file_reported(folder, tmp_path):
     paths, per_file = folder
     out = tmp_path / "resized"
@@ -140,6 +142,7 @@ def test_batch_resize_memory_flat_and_corrupt_file_reported(folder, tmp_path):
     _assert_flat(result["samples"], per_file, "resize")
 
 
+@pytest.mark.slow
 def test_cli_batch_with_a_corrupt_file(folder, tmp_path, capsys):
     """The CLI: resize of several files reports the corrupt one and exits non-zero with the others
     written; an inspect loop goes on past it."""

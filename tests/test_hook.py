@@ -15,19 +15,12 @@ import torch.nn.functional as F
 
 from lib_ortholora.diag import make_join_metadata
 
-STUB = Path(__file__).resolve().parent / "webui_stub"
 HOOK = Path(__file__).resolve().parents[1] / "scripts" / "ortholora_hook.py"
-STUB_TOP = {"networks", "network", "network_lora", "lora_patches", "extra_networks_lora", "stub_model",
-            "modules", "ortholora_hook"}
 
 SOURCES = [{"name": "disney", "file": "disney.safetensors", "ratio": 1.0},
            {"name": "krk", "file": "krk.safetensors", "ratio": 0.7}]
 R1, R2 = 4, 2
 ALPHA = 3.0  # scale = alpha / rank = 0.5
-
-
-def _stub_names():
-    return [k for k in sys.modules if k.split(".")[0] in STUB_TOP]
 
 
 def _import_hook():
@@ -36,20 +29,6 @@ def _import_hook():
     sys.modules["ortholora_hook"] = mod
     spec.loader.exec_module(mod)
     return mod
-
-
-@pytest.fixture
-def stub_path():
-    """The stand-in on sys.path; every module it brings is removed again afterwards."""
-    saved = {k: sys.modules.pop(k) for k in _stub_names()}
-    sys.path.insert(0, str(STUB))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(STUB))
-        for k in _stub_names():
-            del sys.modules[k]
-        sys.modules.update(saved)
 
 
 class Webui(types.SimpleNamespace):

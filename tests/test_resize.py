@@ -255,6 +255,7 @@ def _lora(folder: Path, arch: str = "sd15", rank: int = 6, seed: int = 0, name: 
     return save(folder / f"{name}.safetensors", tensors, kw.pop("metadata", None))
 
 
+@pytest.mark.slow
 def test_norm_cache_is_used_and_invalidated(pairs, tmp_path, monkeypatch):
     base, _ = pairs("sd15")
     ckpt = tmp_path / "base.safetensors"
@@ -336,6 +337,7 @@ def _factor_bytes(path: Path, itemsize: int = 2) -> tuple[int, int]:
     return total, largest
 
 
+@pytest.mark.slow
 def test_size_target_lands_within_one_direction(tmp_path):
     lora = _lora(tmp_path, rank=8)
     full, largest = _factor_bytes(lora, 4)
@@ -347,6 +349,7 @@ def test_size_target_lands_within_one_direction(tmp_path):
         assert budget - largest / 2 < used <= budget
 
 
+@pytest.mark.slow
 def test_full_rank_reproduces_the_delta(tmp_path):
     lora = _lora(tmp_path, rank=6)
     loha = save(tmp_path / "loha.safetensors", loha_tensors(tiny_targets("sd15")[:40], rank=3))
@@ -390,6 +393,7 @@ def test_outputs_are_balanced_with_alpha_equal_to_rank_and_metadata(tmp_path):
     assert all(0 <= r.extra["fro_kept"] <= 1 + 1e-9 and r.rel_error is not None for r in rep.rows)
 
 
+@pytest.mark.slow
 def test_base_scores_select_what_their_definition_says(pairs, tmp_path):
     base, _ = pairs("sd15")
     lora = _lora(tmp_path, rank=6)
@@ -413,6 +417,7 @@ def test_base_scores_select_what_their_definition_says(pairs, tmp_path):
             assert err.extra["err_base"] == pytest.approx(float(s[kept:].norm()) / fro, rel=1e-4, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_batch_reports_a_corrupt_file_and_does_the_rest(tmp_path):
     good1, good2 = _lora(tmp_path, name="a"), _lora(tmp_path, name="c", seed=1)
     bad = tmp_path / "b.safetensors"
@@ -441,6 +446,7 @@ def test_recipes_needing_the_base_refuse_without_it(tmp_path):
         resize_files([_lora(tmp_path)], tmp_path / "out", "spn_lora=1,subspace=1,thr=0")
 
 
+@pytest.mark.slow
 def test_cli(pairs, tmp_path, capsys):
     base, _ = pairs("sd15")
     lora = _lora(tmp_path)

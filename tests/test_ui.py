@@ -23,14 +23,13 @@ from lib_ortholora.ui import ops, plots, tab_extract, tab_inspect, tab_joinmix, 
 from lib_ortholora.ui import tab_resize, views  # noqa: E402
 from lib_ortholora.ui.config import Defaults  # noqa: E402
 from lib_ortholora.ui.folders import Folders  # noqa: E402
+from lib_ortholora.report import Report  # noqa: E402
 from lib_ortholora.ui.runner import Cancelled, CancelRegistry, Outcome, ProgressBridge, execute  # noqa: E402
+from lib_ortholora.ui.runner import report_status  # noqa: E402
 from lib_ortholora.ui.widgets import written_signal_html  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-STUB = ROOT / "tests" / "webui_stub"
 TAB_SCRIPT = ROOT / "scripts" / "ortholora_tab.py"
-STUB_TOP = {"networks", "network", "network_lora", "lora_patches", "extra_networks_lora", "stub_model",
-            "modules", "ortholora_tab"}
 BASE, TUNED = "sd15_base.safetensors", "sd15_tuned.safetensors"
 
 
@@ -150,6 +149,14 @@ def test_extract_writes_into_the_lora_folder_with_table_and_plots(cfg, models):
     assert isinstance(fig, Figure)
 
 
+
+def test_status_gives_one_timing():
+    """The done line says how long the run took; the report's own `seconds` total is not repeated."""
+    status = report_status(Report("extract", totals={"modules": 350, "seconds": 1.56}), "Extract", 5.2)
+    assert "finished in 5.2 s" in status and "**modules** 350" in status
+    assert "seconds" not in status and "1.56" not in status
+
+
 def test_escaping_output_names_are_refused(cfg, models):
     before_root, before_lora = _files(models), _files(models / "Lora")
     for name in ("../x", "../../x", "/tmp/ortholora-x", "sub/x", ".."):
@@ -184,6 +191,7 @@ def test_merge_into_checkpoint(cfg, models):
     assert not o.ok and "no LoRA chosen" in o.status
 
 
+@pytest.mark.slow
 def test_join_inspect_prompt_tag_and_bake(cfg, models):
     o = tab_joinmix.run(cfg, ["demo_style.safetensors", "demo_other.safetensors"], tab_joinmix.MODES[0],
                         "1, -0.5", "a, b", "", "fp32", "joined_ab")
@@ -223,6 +231,7 @@ def test_mix(cfg, models):
     assert not o.ok and "rank policy" in o.status
 
 
+@pytest.mark.slow
 def test_ortho_alignment_heatmap(cfg, models):
     o = tab_ortho.run(cfg, ["demo_style.safetensors", "demo_joined.safetensors"], True, "orth", 2, True, False, "",
                       "fp16")
@@ -245,6 +254,7 @@ def test_ortho_alignment_heatmap(cfg, models):
     assert not o.ok and "Error" in o.status
 
 
+@pytest.mark.slow
 def test_resize_with_recipes(cfg, models, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # base-norm cache
     if not ops.resize_available():
@@ -342,36 +352,24 @@ def test_outcome_values_fill_every_output(cfg):
 # --------------------------------------------------------------------------- webui adapter
 
 
-def _stub_names():
-    return [k for k in sys.modules if k.split(".")[0] in STUB_TOP]
-
-
 @pytest.fixture
-def webui(models, monkeypatch):
-    """tests/webui_stub on sys.path with cmd_opts pointing at the demo models; removed afterwards."""
-    saved = {k: sys.modules.pop(k) for k in _stub_names()}
-    sys.path.insert(0, str(STUB))
-    try:
-        from modules import script_callbacks, shared
-        script_callbacks.callback_map.clear()
-        shared.cmd_opts.lora_dir = str(models / "Lora")
-        shared.cmd_opts.ckpt_dir = None
-        paths = types.ModuleType("modules.paths")
-        paths.models_path = str(models)
-        sys.modules["modules.paths"] = paths
-        import networks
-        networks.list_available_networks()
-        spec = importlib.util.spec_from_file_location("ortholora_tab", TAB_SCRIPT)
-        tab = importlib.util.module_from_spec(spec)
-        sys.modules["ortholora_tab"] = tab
-        spec.loader.exec_module(tab)
-        yield types.SimpleNamespace(tab=tab, shared=shared, callbacks=script_callbacks, networks=networks,
-                                    models=models)
-    finally:
-        sys.path.remove(str(STUB))
-        for k in _stub_names():
-            del sys.modules[k]
-        sys.modules.update(saved)
+def webui(models, stub_path):
+    """The webui stand-in (conftest's stub_path) with cmd_opts pointing at the demo models."""
+    from modules import script_callbacks, shared
+    script_callbacks.callback_map.clear()
+    shared.cmd_opts.lora_dir = str(models / "Lora")
+    shared.cmd_opts.ckpt_dir = None
+    paths = types.ModuleType("modules.paths")
+    paths.models_path = str(models)
+    sys.modules["modules.paths"] = paths
+    import networks
+    networks.list_available_networks()
+    spec = importlib.util.spec_from_file_location("ortholora_tab", TAB_SCRIPT)
+    tab = importlib.util.module_from_spec(spec)
+    sys.modules["ortholora_tab"] = tab
+    spec.loader.exec_module(tab)
+    return types.SimpleNamespace(tab=tab, shared=shared, callbacks=script_callbacks, networks=networks,
+                                 models=models)
 
 
 def test_webui_adapter_registers_tab_settings_and_api(webui):

@@ -130,7 +130,7 @@ def _value(v: Any) -> str:
 def report_status(report: Report, label: str, seconds: float, skip: tuple[str, ...] = ()) -> str:
     """Markdown: a done line, the totals, warnings and written files."""
     lines = [f"✓ **{label}** finished in {seconds:.1f} s"]
-    shown = {k: v for k, v in report.totals.items() if k not in skip and v not in (None, "", {}, [])}
+    shown = {k: v for k, v in report.totals.items() if k not in (*skip, "seconds") and v not in (None, "", {}, [])}
     if shown:
         lines.append(" · ".join(f"**{_escape(str(k))}** {_escape(_value(v))}" for k, v in shown.items()))
     lines += [f"⚠ {_escape(w)}" for w in report.warnings]

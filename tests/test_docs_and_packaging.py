@@ -1,0 +1,103 @@
+"""The repository stands alone and is packaged as documented: every `docs/…md#anchor` that code or
+docs cite exists, nothing points outside the repository, the README keeps one section of each
+kind and CI's test command, metadata.ini orders our scripts after the built-in Lora extension the
+way the webui reads it, and pyproject.toml builds the library with its `ortholora` command."""
+from __future__ import annotations
+
+import configparser
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CITATION = re.compile(r"\b(docs/[\w.-]+\.md)(?:#([\w-]+))?")
+ANCHOR = re.compile(r'<a id="([\w-]+)"></a>')
+README_TEST_COMMAND = ".venv/bin/python -m pytest -q tests"
+TEXT = {".py", ".md", ".ini", ".toml", ".txt", ".js", ".css"}
+
+
+def _text_files() -> list[Path]:
+    """The project's own text files (no git needed: the folders it ships, and the top level)."""
+    found = [p for p in ROOT.glob("*") if p.is_file() and p.suffix in TEXT] + [ROOT / ".ci" / "run"]
+    for folder in ("lib_ortholora", "scripts", "docs", "tests", "javascript"):
+        found += [p for p in (ROOT / folder).rglob("*") if p.suffix in TEXT and "__pycache__" not in p.parts]
+    return found
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(doc: Path) -> set[str]:
+    text = doc.read_text(encoding="utf-8")
+    found = set(ANCHOR.findall(text))
+    found |= {_slug(m) for m in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+    return found
+
+
+def test_every_cited_doc_section_exists():
+    cited = []
+    for path in _text_files():
+        for doc, anchor in CITATION.findall(path.read_text(encoding="utf-8", errors="replace")):
+            cited.append((path.relative_to(ROOT), doc, anchor))
+    assert {doc for _, doc, _ in cited} >= {"docs/formats.md", "docs/webui.md"}
+    missing = [(str(where), f"{doc}#{anchor}" if anchor else doc) for where, doc, anchor in cited
+               if not (ROOT / doc).is_file() or (anchor and anchor not in anchors(ROOT / doc))]
+    assert not missing, missing
+
+
+def test_in_page_links_of_the_docs_resolve():
+    for doc in (ROOT / "docs").glob("*.md"):
+        text = doc.read_text(encoding="utf-8")
+        targets = set(re.findall(r"\]\(#([\w-]+)\)", text))
+        assert targets <= anchors(doc), (doc.name, sorted(targets - anchors(doc)))
+
+
+def test_nothing_points_outside_the_repository():
+    outside = re.compile("|".join(re.escape(s) for s in ("../" + "shared", "shared/" + "docs", "F" + "§", "/" + "work/", "/tmp/" + "pytest-")))
+    hits = [str(p.relative_to(ROOT)) for p in _text_files() if outside.search(p.read_text(errors="replace"))]
+    assert not hits, hits
+
+
+def test_readme_has_one_section_of_each_kind_and_ci_runs_its_test_command():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    sections = re.findall(r"^## (.+)$", readme, flags=re.M)
+    assert len(sections) == len(set(sections)), sections
+    assert README_TEST_COMMAND in readme
+    assert README_TEST_COMMAND in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def _webui_list(config: configparser.ConfigParser, section: str, key: str) -> list[str]:
+    """A requirement list as the webui (1.7–1.10) reads it: lower-cased, split on commas and spaces."""
+    return [x for x in re.split(r"[,\s]+", config.get(section, key, fallback="").lower().strip()) if x]
+
+
+def test_metadata_ini_loads_our_scripts_after_the_builtin_lora_extension():
+    config = configparser.ConfigParser()
+    assert config.read(ROOT / "metadata.ini", encoding="utf-8")
+    assert "lora" in _webui_list(config, "scripts", "After")
+    # `Requires = Lora` makes 1.10.1 report the built-in extension as missing (it looks the
+    # lower-cased name up under the folder's spelling); `Before` would reverse the order.
+    assert "lora" not in _webui_list(config, "Extension", "Requires")
+    assert "lora" not in _webui_list(config, "scripts", "Before")
+    for script in (ROOT / "scripts").glob("*.py"):
+        assert "lora" not in _webui_list(config, f"scripts/{script.name}", "Before")
+
+
+def test_pyproject_builds_the_library_and_the_ortholora_command(pytestconfig):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    setuptools = project["tool"]["setuptools"]
+    assert setuptools["packages"]["find"]["include"] == ["lib_ortholora", "lib_ortholora.*"]
+    assert setuptools["dynamic"]["dependencies"]["file"] == ["requirements.txt"]
+    assert setuptools["dynamic"]["version"]["attr"] == "lib_ortholora.__version__"
+    assert project["project"]["license"] == "MIT" and (ROOT / "LICENSE").is_file()
+
+    module, _, attr = project["project"]["scripts"]["ortholora"].partition(":")
+    assert getattr(importlib.import_module(module), attr) is importlib.import_module("lib_ortholora.cli").main
+
+    assert any(m.startswith("slow:") for m in pytestconfig.getini("markers"))
