@@ -167,6 +167,14 @@ def ckpt_ops(kit, bad: Path, out: Path) -> dict[str, tuple]:
     }
 
 
+def lora_refused(kit, tmp_path: Path, capsys, bad: Path, op: str, problem: str) -> None:
+    """`op` with `bad` as one of its LoRAs is refused everywhere and leaves nothing behind."""
+    out = tmp_path / "out"
+    out.mkdir()
+    guard = Guard([bad, kit.lora, kit.base], [tmp_path, out])
+    refused_everywhere(lora_ops(kit, bad, out)[op], [bad], problem, capsys, guard)
+
+
 LORA_OPS = ("inspect", "merge", "join", "mix", "resize", "ortho", "diag")
 CKPT_OPS = ("extract-base", "extract-tuned", "merge", "resize-ckpt")
 
@@ -228,10 +236,7 @@ def test_unreadable_lora(kit, tmp_path, capsys, kind, op):
     build, problem = UNREADABLE[kind]
     bad = tmp_path / f"{kind}.safetensors"
     bad.write_bytes(build(kit.lora.read_bytes()))
-    out = tmp_path / "out"
-    out.mkdir()
-    guard = Guard([bad, kit.lora, kit.base], [tmp_path, out])
-    refused_everywhere(lora_ops(kit, bad, out)[op], [bad], problem, capsys, guard)
+    lora_refused(kit, tmp_path, capsys, bad, op, problem)
 
 
 @pytest.mark.parametrize("op", CKPT_OPS)
@@ -363,12 +368,8 @@ def _broken_factors(kind: str) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("kind", ["lora-rank", "lora-empty", "loha", "lokr", "full-bias"])
 def test_factors_that_do_not_fit_together(kit, tmp_path, capsys, kind, op):
     bad = U.save(tmp_path / f"{kind}.safetensors", _broken_factors(kind))
-    out = tmp_path / "out"
-    out.mkdir()
-    guard = Guard([bad, kit.lora, kit.base], [tmp_path, out])
-    refused_everywhere(lora_ops(kit, bad, out)[op], [bad],
-                       r"module lora_te_text_model_encoder_layers_0_mlp_fc1: its tensors do not fit together",
-                       capsys, guard)
+    lora_refused(kit, tmp_path, capsys, bad, op,
+                 r"module lora_te_text_model_encoder_layers_0_mlp_fc1: its tensors do not fit together")
 
 
 def test_join_sources_disagree_on_a_layer_shape(kit, tmp_path, capsys):
@@ -419,13 +420,18 @@ def test_nan_in_a_checkpoint_layer_extract(kit, tmp_path, capsys, side):
     refused_everywhere(case, [bad], rf"{re.escape(FF_KEY)}.* NaN", capsys, guard)
 
 
+def _base_holding(kit, tmp_path: Path, value: float) -> tuple[Path, Path]:
+    """The base checkpoint with `value` in one element of FF_KEY, and a LoRA on that layer only."""
+    tensors = safetensors.torch.load_file(str(kit.base))
+    tensors[FF_KEY][2, 3] = value
+    bad = tmp_path / "base_nonfinite.safetensors"
+    safetensors.torch.save_file(tensors, str(bad))
+    return bad, U.save(tmp_path / "ff.safetensors", U.lora_tensors([t for t in U.tiny_targets("sd15") if t.name == FF]))
+
+
 def test_inf_in_a_checkpoint_layer_merge(kit, tmp_path, capsys):
     """Named in the checkpoint (the input that holds it), not in the output being written."""
-    tensors = safetensors.torch.load_file(str(kit.base))
-    tensors[FF_KEY][0, 0] = float("inf")
-    bad = tmp_path / "base_inf.safetensors"
-    safetensors.torch.save_file(tensors, str(bad))
-    lora = U.save(tmp_path / "ff.safetensors", U.lora_tensors([t for t in U.tiny_targets("sd15") if t.name == FF]))
+    bad, lora = _base_holding(kit, tmp_path, float("inf"))
     o = tmp_path / "m.safetensors"
     guard = Guard([bad, lora], [tmp_path])
     case = (lambda: merge_lora(bad, lora, 1.0, o), ["merge", bad, lora, "-o", o])
@@ -453,20 +459,13 @@ def _not_plain(kind: str, tg) -> dict[str, torch.Tensor]:
 def test_dora_oft_ia3_refused(kit, tmp_path, capsys, kind, op):
     tg = [t for t in kit.targets if t.name == "lora_te_text_model_encoder_layers_0_mlp_fc1"]
     bad = U.save(tmp_path / f"{kind}.safetensors", U.lora_tensors(kit.targets[4:6]) | _not_plain(kind, tg))
-    out = tmp_path / "out"
-    out.mkdir()
-    guard = Guard([bad, kit.lora, kit.base], [tmp_path, out])
-    refused_everywhere(lora_ops(kit, bad, out)[op], [bad],
-                       rf"{kind} module {tg[0].name} is not a plain low-rank delta", capsys, guard)
+    lora_refused(kit, tmp_path, capsys, bad, op, rf"{kind} module {tg[0].name} is not a plain low-rank delta")
 
 
 @pytest.mark.parametrize("op", ["resize", "ortho"])
 def test_full_diff_where_a_low_rank_form_is_needed(kit, tmp_path, capsys, op):
     bad = U.save(tmp_path / "full.safetensors", U.full_tensors(kit.targets[:3]))
-    out = tmp_path / "out"
-    out.mkdir()
-    guard = Guard([bad, kit.lora], [tmp_path, out])
-    refused_everywhere(lora_ops(kit, bad, out)[op], [bad], r"\(full\) has no exact low-rank form", capsys, guard)
+    lora_refused(kit, tmp_path, capsys, bad, op, r"\(full\) has no exact low-rank form")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,12 +480,8 @@ def test_alpha_that_is_not_one_number(kit, tmp_path, capsys, family, shape, op):
     tensors = {"lora": U.lora_tensors, "loha": U.loha_tensors, "lokr": U.lokr_tensors}[family](tg)
     tensors[f"{tg[0].name}.alpha"] = torch.ones(shape)
     bad = U.save(tmp_path / f"alpha_{family}.safetensors", U.lora_tensors(kit.targets[4:6]) | tensors)
-    out = tmp_path / "out"
-    out.mkdir()
-    guard = Guard([bad, kit.lora, kit.base], [tmp_path, out])
-    refused_everywhere(lora_ops(kit, bad, out)[op], [bad],
-                       rf"module {tg[0].name}: alpha has shape {re.escape(str(list(shape)))}; it must be one number",
-                       capsys, guard)
+    lora_refused(kit, tmp_path, capsys, bad, op,
+                 rf"module {tg[0].name}: alpha has shape {re.escape(str(list(shape)))}; it must be one number")
 
 
 def _two_styles(kind: str) -> tuple[dict[str, torch.Tensor], str]:
@@ -519,10 +514,7 @@ TWO_STYLES = ["kohya+compvis", "kohya+peft", "te-alias", "down+lora_A", "lokr-w1
 def test_one_layer_under_two_key_styles(kit, tmp_path, capsys, kind, op):
     tensors, problem = _two_styles(kind)
     bad = U.save(tmp_path / "twice.safetensors", tensors)
-    out = tmp_path / "out"
-    out.mkdir()
-    guard = Guard([bad, kit.lora, kit.base], [tmp_path, out])
-    refused_everywhere(lora_ops(kit, bad, out)[op], [bad], problem, capsys, guard)
+    lora_refused(kit, tmp_path, capsys, bad, op, problem)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,10 +584,7 @@ CRAFTED = ["header-over-cap", "deep-shape", "deep-metadata", "deep-unclosed", "s
 def test_crafted_header_lora(kit, tmp_path, capsys, kind, op):
     header, problem = _crafted(kind, kit.lora)
     bad = _raw(tmp_path / f"{kind}.safetensors", header, _header(kit.lora.read_bytes())[1])
-    out = tmp_path / "out"
-    out.mkdir()
-    guard = Guard([bad, kit.lora], [tmp_path, out])
-    refused_everywhere(lora_ops(kit, bad, out)[op], [bad], problem, capsys, guard)
+    lora_refused(kit, tmp_path, capsys, bad, op, problem)
 
 
 @pytest.mark.parametrize("op", CKPT_OPS)
@@ -650,11 +639,7 @@ def test_torch_file_with_a_tensor_that_is_not_plain(kit, tmp_path, capsys, kind,
 
 @pytest.mark.parametrize("recipe", ["spn_ckpt=1,thr=-1", "subspace=1,thr=0"])
 def test_nan_in_the_base_checkpoint_resize(kit, tmp_path, capsys, recipe):
-    tensors = safetensors.torch.load_file(str(kit.base))
-    tensors[FF_KEY][2, 3] = float("nan")
-    bad = tmp_path / "base_nan.safetensors"
-    safetensors.torch.save_file(tensors, str(bad))
-    lora = U.save(tmp_path / "ff.safetensors", U.lora_tensors([t for t in U.tiny_targets("sd15") if t.name == FF]))
+    bad, lora = _base_holding(kit, tmp_path, float("nan"))
     out = tmp_path / "out"
     out.mkdir()
     guard = Guard([bad, lora], [tmp_path, out])
