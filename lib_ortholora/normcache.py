@@ -14,11 +14,12 @@ norms by content, and trusts nothing but content and, for files already hashed, 
   dtype, the shape and every byte of the layer's weight (of its row block, for q/k/v): cached norms
   are used for a layer only if its bytes are exactly those they were computed from. Any changed
   byte (one q row, one element) changes the digest; copies and renames share entries.
-- `file-<id>.json`, one per checkpoint file (id: device and inode), records the digests of the
-  layers hashed so far with the file's (size, mtime_ns, ctime_ns) at that time.
+- `file-<id>.json`, one per checkpoint file (id: device and inode; a file without an inode number
+  is hashed on every run), records the digests of the layers hashed so far with the file's
+  (size, mtime_ns, ctime_ns) at that time.
 A run hashes each layer it needs whose digest is not recorded, while streaming it (the run reads
-it anyway to compute norms that are not cached; a renamed or copied checkpoint is hashed once,
-~1 GB/s, rather than recomputed). A warm run reads no tensor data: it takes the recorded digests
+it anyway to compute norms that are not cached; a renamed or copied checkpoint is read and hashed
+once rather than recomputed). A warm run reads no tensor data: it takes the recorded digests
 when the file's stat is the recorded one. That stat is the only thing trusted besides bytes, and
 it holds because every write updates mtime and ctime, and ctime cannot be set back by a user.
 Digests are recorded only when the stat is the same after hashing as before, and the file's last
@@ -192,11 +193,13 @@ class FileState:
 
     @classmethod
     def of(cls, path: Path) -> FileState | None:
+        """The file's state, or None when it cannot be told apart from others (no inode number,
+        as on some Windows file systems): such a file is hashed on every run."""
         try:
             st = os.stat(path)
         except OSError:
             return None
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) if st.st_ino else None
 
     def settled_before(self, when_ns: int) -> bool:
         """Timestamps kept, and the last change more than RACY_NS before `when_ns`."""

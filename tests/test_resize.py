@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
@@ -396,6 +397,17 @@ def test_norm_cache_sees_a_change_whose_mtime_was_restored(pairs, tmp_path, monk
     assert ckpt.stat().st_mtime_ns == st.st_mtime_ns and ckpt.stat().st_size == st.st_size
     norms, computed = _norms(ckpt, cache, [t.name])
     assert computed == 1 and norms[t.name].frobenius == pytest.approx(_exact(w)[1], rel=1e-5)
+
+
+def test_a_file_without_an_inode_number_is_never_recorded(tmp_path, monkeypatch):
+    """Its stat could be another file's: its digests are never trusted from a record."""
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(b"x")
+    assert normcache.FileState.of(f) is not None
+    st = os.stat(f)
+    no_inode = SimpleNamespace(st_dev=st.st_dev, st_ino=0, st_size=st.st_size, st_mtime_ns=1, st_ctime_ns=1)
+    monkeypatch.setattr(normcache, "os", SimpleNamespace(stat=lambda path: no_inode))  # normcache's view only
+    assert normcache.FileState.of(f) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
