@@ -561,8 +561,9 @@ def _crafted(kind: str, lora: Path) -> tuple[bytes, str]:
         text = text.replace(b"], \"data_offsets\"", b"]" + b"]" * 100_000 + b', "data_offsets"', 1)
         return text, r"bad safetensors header \(JSON nested deeper than 8 levels\)"
     if kind == "deep-metadata":
-        text = json.dumps({"__metadata__": {"x": "y"}, **header}).encode()
-        return text.replace(b'"y"', _deep(200_000)), r"bad safetensors header \(JSON nested deeper than 8 levels\)"
+        header["__metadata__"] = {**header.get("__metadata__", {}), "x": "@deep@"}
+        text = json.dumps(header).encode()
+        return text.replace(b'"@deep@"', _deep(200_000)), r"bad safetensors header \(JSON nested deeper than 8 levels\)"
     if kind == "deep-unclosed":
         return b"{" * 1_000_000, r"bad safetensors header \(not valid JSON: unbalanced brackets or quotes\)"
     if kind == "shape-overflow":
