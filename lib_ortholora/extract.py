@@ -16,7 +16,7 @@ import torch
 
 from . import arch as _arch
 from .errors import OrthoLoraError
-from .fileio import TensorFile, open_tensors
+from .fileio import TensorFile, check_finite, open_tensors
 from .keys import Target, targets
 from .lorafile import write_lora
 from .lowrank import LowRank, balanced
@@ -81,8 +81,7 @@ def _layer_delta(t: Target, base: torch.Tensor, tuned: torch.Tensor, files: tupl
         raise OrthoLoraError(f"{t.ckpt_key} is {tuple(tuned.shape)} in the tuned file but "
                              f"{tuple(base.shape)} in the base", files[1].path)
     for w, f in zip((base, tuned), files):
-        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
-            raise OrthoLoraError(f"tensor {t.ckpt_key} holds NaN or Inf values", f.path)
+        check_finite(w, t.ckpt_key, f.path)
     rows = slice(*t.rows) if t.rows else slice(None)
     return tuned[rows].to(device, torch.float32) - base[rows].to(device, torch.float32)
 

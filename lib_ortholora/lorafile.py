@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import torch
 
 from . import __version__
 from .errors import OrthoLoraError
-from .fileio import check_finite, open_tensors, save_lora_safetensors
+from .arch import detect
+from .fileio import TensorFile, check_finite, open_tensors, save_lora_safetensors
 from .keys import guess_arch, name_table, resolve
 from .lowrank import LowRank
 from .modules import NetworkModule, build_module, suffix_of
@@ -92,24 +94,31 @@ def _layer_layout(shape: tuple[int, ...], layer: tuple[int, ...]) -> tuple[int, 
     return (shape[0], inner // k, layer[2], layer[3]) if inner % k == 0 else shape
 
 
-def _dry_run(name: str, raw: str, group: dict[str, torch.Tensor], kernel: int | None,
-             layer: tuple[int, ...] | None, path: Path) -> tuple[int, ...] | None:
-    """Build the module from shapes only (meta tensors, no data touched) and form its delta and
-    low-rank form, so factors that do not fit together are refused here, naming the module, instead
-    of failing deep inside an operation (or worse, being written out). Returns the module's shape in
-    its layer's layout (see _layer_layout; factor families only), or None if no family claims it."""
+def _dry_run(raw: str, group: dict[str, torch.Tensor], kernel: int | None, layer: tuple[int, ...] | None,
+             path: Path) -> tuple[int, ...] | None:
+    """Build the module from shapes only (meta tensors, no data touched; see _header_group) and form
+    its delta and low-rank form, so factors that do not fit together, or tensors of another family
+    beside the claiming one's (two deltas for one layer, one of them dropped), are refused here,
+    naming the module, instead of failing deep inside an operation (or worse, being written out).
+    Returns the module's shape in its layer's layout (see _layer_layout; factor families only), or
+    None if no family claims it."""
     shapes = ", ".join(f"{s} {tuple(t.shape)}" for s, t in group.items())
     try:
         with torch.device("meta"):
-            meta = {s: (t if s == "alpha" else t.to("meta")) for s, t in group.items()}
-            module = build_module(name, meta, kernel)
+            module = build_module(raw, group, kernel)
             if module is None:
                 return None
+            foreign = sorted(set(group) - type(module).suffixes)
+            if foreign:
+                raise OrthoLoraError(f"module {raw} holds {module.family} tensors and also "
+                                     f"{', '.join(foreign)}: two modules for one layer")
             lr = module.lowrank()
             if layer is not None and lr is not None:
                 module.shape = _layer_layout(module.shape, layer)
             shape = tuple(module.shape)
-            fits = tuple(module.delta().shape) == shape and math.prod(shape) > 0
+            fits = math.prod(shape) > 0
+            if lr is None or type(module).delta is not NetworkModule.delta:  # the default is lr.delta()
+                fits = fits and tuple(module.delta().shape) == shape
             if lr is not None:
                 lr = module.lowrank()
                 fits = fits and lr.up.reshape(lr.up.shape[0], -1).shape == (shape[0], lr.rank) \
@@ -125,44 +134,88 @@ def _dry_run(name: str, raw: str, group: dict[str, torch.Tensor], kernel: int | 
     return shape
 
 
-def read_lora(path: str | Path, arch: str | None = None) -> LoraFile:
-    """Read a kohya / LyCORIS / PEFT LoRA file. Architecture: `arch`, else metadata, else names."""
-    path = Path(path)
-    with open_tensors(path) as f:
-        tensors = {k: f.get(k) for k in f.keys()}
-        meta = dict(f.metadata)
-    groups: dict[str, dict[str, torch.Tensor]] = {}
+def _group_keys(f: TensorFile) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Tensor keys by module name and suffix (from the header alone), and the keys of no module."""
+    groups: dict[str, dict[str, str]] = {}
     stray = []
-    for key, value in tensors.items():
+    for key in f.keys():
         split = suffix_of(key)
         if split is None:
             stray.append(key)
-            continue
-        groups.setdefault(split[0], {})[split[1]] = value
-    if not groups:
-        raise OrthoLoraError("no LoRA modules found (not a LoRA file?)", path)
-    guessed = arch is None
-    arch = arch or _arch_from_metadata(meta) or guess_arch(list(groups))
-    if guessed and arch in ("sd15", "sd2") and not (meta.get("ss_base_model_version") or meta.get("modelspec.architecture")):
-        arch = _sd1_or_sd2(groups)
+        else:
+            groups.setdefault(split[0], {})[split[1]] = key
+    return groups, stray
+
+
+def _header_group(f: TensorFile, keys: dict[str, str]) -> dict[str, torch.Tensor]:
+    """A module's tensors as meta tensors (the header's shapes and dtypes, no data read), except an
+    alpha that is the single number it must be: that one is read."""
+    return {suffix: f.get(key) if suffix == "alpha" and math.prod(f.shape(key)) == 1
+            else torch.empty(f.shape(key), dtype=f.dtype(key), device="meta")
+            for suffix, key in keys.items()}
+
+
+def _not_a_lora(f: TensorFile) -> str:
+    try:
+        found = f"a checkpoint ({detect({k: f.shape(k) for k in f.keys()}).title}), not a LoRA"
+    except OrthoLoraError:
+        found = "not a LoRA file?"
+    return f"no LoRA modules found ({found})"
+
+
+Plan = dict[str, tuple[str, int | None, tuple[int, ...]]]  # module name → (name in the file, kernel, shape)
+
+
+def _plan(groups: dict[str, dict[str, torch.Tensor]], arch: str | None, path: Path
+          ) -> tuple[Plan, list[str], list[str]]:
+    """Resolve and dry-run every module (header only): (plan, names in the file matching no layer,
+    names no family claims). One layer named twice (two key styles) is refused."""
     table = name_table(arch) if arch else {}
-    modules: dict[str, NetworkModule] = {}
-    unknown = []
+    plan: Plan = {}
+    unknown, unclaimed = [], []
     for raw, group in groups.items():
         name = resolve(arch, raw) if arch else None
         target = table.get(name) if name else None
         kernel = target.kernel if target else None
-        shape = _dry_run(name or raw, raw, group, kernel, target.shape if target else None, path)
+        shape = _dry_run(raw, group, kernel, target.shape if target else None, path)
         if shape is None:
-            stray.extend(f"{raw}.{s}" for s in group)
+            unclaimed.append(raw)
             continue
-        for suffix, t in group.items():
-            check_finite(t, f"{raw}.{suffix}", path)
-        module = build_module(name or raw, group, kernel)
-        module.shape = shape
+        if (name or raw) in plan:
+            raise OrthoLoraError(f"layer {name} is in the file twice, as {plan[name][0]} and {raw}: two key "
+                                 "styles for one layer", path)
+        plan[name or raw] = (raw, kernel, shape)
         if name is None:
             unknown.append(raw)
-        modules[name or raw] = module
+    return plan, unknown, unclaimed
+
+
+def read_lora(path: str | bytes | os.PathLike, arch: str | None = None) -> LoraFile:
+    """Read a kohya / LyCORIS / PEFT LoRA file. Architecture: `arch`, else metadata, else names.
+
+    Decided from the header first: module names, shapes (every module built on meta tensors) and
+    layer names are checked before any tensor data is read, so a checkpoint or a malformed file is
+    refused at the cost of its header; then only the modules' tensors are read."""
+    path = Path(os.fsdecode(path))
+    with open_tensors(path) as f:
+        meta = dict(f.metadata)
+        keys, stray = _group_keys(f)
+        if not keys:
+            raise OrthoLoraError(_not_a_lora(f), path)
+        groups = {raw: _header_group(f, group) for raw, group in keys.items()}
+        guessed = arch is None
+        arch = arch or _arch_from_metadata(meta) or guess_arch(list(groups))
+        if guessed and arch in ("sd15", "sd2") and not (meta.get("ss_base_model_version") or meta.get("modelspec.architecture")):
+            arch = _sd1_or_sd2(groups)
+        plan, unknown, unclaimed = _plan(groups, arch, path)
+        stray += [key for raw in unclaimed for key in keys[raw].values()]
+        modules: dict[str, NetworkModule] = {}
+        for name, (raw, kernel, shape) in plan.items():
+            tensors = {suffix: f.get(key) for suffix, key in keys[raw].items()}
+            for suffix, t in tensors.items():
+                check_finite(t, f"{raw}.{suffix}", path)
+            modules[name] = build_module(name, tensors, kernel)
+            modules[name].shape = shape
     return LoraFile(path, arch, modules, meta, unknown, stray)
 
 

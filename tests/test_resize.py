@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 from lib_ortholora import normcache
 from lib_ortholora.cli import main
 from lib_ortholora.errors import OrthoLoraError
-from lib_ortholora.fileio import open_tensors
+from lib_ortholora.fileio import SafetensorsFile, open_tensors
 from lib_ortholora.lorafile import read_lora
 from lib_ortholora.lowrank import LowRank
 from lib_ortholora.normcache import BaseCheckpoint, default_cache_dir, spectral_norm
@@ -255,6 +257,37 @@ def _lora(folder: Path, arch: str = "sd15", rank: int = 6, seed: int = 0, name: 
     return save(folder / f"{name}.safetensors", tensors, kw.pop("metadata", None))
 
 
+def _rewrite(path: Path, key: str, change) -> torch.Tensor:
+    """Change one tensor of a safetensors file in place (same size, same header): its new value is
+    `change(old)`, in the stored dtype. Returns the new value."""
+    with open_tensors(path) as f:
+        w = change(f.get(key).clone()).to(f.dtype(key)).contiguous()
+    blob = path.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    begin = json.loads(blob[8:8 + n])[key]["data_offsets"][0]
+    with open(path, "r+b") as f:
+        f.seek(8 + n + begin)
+        f.write(w.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return w
+
+
+def _exact(w: torch.Tensor) -> tuple[float, float]:
+    flat = w.double().reshape(w.shape[0], -1)
+    return float(torch.linalg.matrix_norm(flat, ord=2)), float(flat.norm())
+
+
+def _norms(ckpt: Path, cache: Path, names: list[str]) -> tuple[dict, int]:
+    with BaseCheckpoint(ckpt, cache) as base:
+        assert not base.warnings
+        return base.norms(names)
+
+
+def _no_tensor_reads(monkeypatch) -> None:
+    def refuse(*a, **k):
+        raise AssertionError("tensor data read")
+    monkeypatch.setattr(SafetensorsFile, "get", refuse)
+
+
 @pytest.mark.slow
 def test_norm_cache_is_used_and_invalidated(pairs, tmp_path, monkeypatch):
     base, _ = pairs("sd15")
@@ -266,7 +299,6 @@ def test_norm_cache_is_used_and_invalidated(pairs, tmp_path, monkeypatch):
                                       overwrite=True)
     first = run()
     assert first.totals["base_norms"] == f"computed {len(tiny_targets('sd15'))} layers"
-    assert len(list(cache.glob("norms-*.json"))) == 1
 
     def refuse(w):
         raise AssertionError("norms recomputed")
@@ -280,25 +312,121 @@ def test_norm_cache_is_used_and_invalidated(pairs, tmp_path, monkeypatch):
     monkeypatch.undo()
 
     target = tiny_targets("sd15")[5]
-    with open_tensors(ckpt) as f:
-        w = f.get(target.ckpt_key) * 1.5
-    header_len = int.from_bytes(ckpt.read_bytes()[:8], "little")
-    begin = json.loads(ckpt.read_bytes()[8:8 + header_len])[target.ckpt_key]["data_offsets"][0]
-    with open(ckpt, "r+b") as f:  # same size and header, one layer's values changed in place
-        f.seek(8 + header_len + begin)
-        f.write(w.contiguous().numpy().tobytes())
+    w = _rewrite(ckpt, target.ckpt_key, lambda w: w * 1.5)
     changed = run()
-    assert changed.totals["base_norms"].startswith("computed")
-    assert len(list(cache.glob("norms-*.json"))) == 2
-    with BaseCheckpoint(ckpt, cache) as changed_ckpt:
-        stored = json.loads((cache / f"norms-{changed_ckpt.key}.json").read_text())
-    flat = w.double().reshape(w.shape[0], -1)
-    assert stored["norms"][target.name][0] == pytest.approx(float(torch.linalg.matrix_norm(flat, ord=2)), rel=1e-5)
-    assert stored["norms"][target.name][1] == pytest.approx(float(flat.norm()), rel=1e-5)
+    assert changed.totals["base_norms"] == "computed 1 layers"
+    norms, computed = _norms(ckpt, cache, [target.name])
+    assert computed == 0 and (norms[target.name].spectral, norms[target.name].frobenius) == \
+        pytest.approx(_exact(w), rel=1e-5)
 
-    for p in cache.glob("norms-*.json"):
+    for p in cache.glob("*.json"):
         p.write_text("{not json")
     assert run().totals["base_norms"].startswith("computed")  # a broken cache file is rebuilt
+
+
+QKV = [f"lora_te_text_model_encoder_layers_0_self_attn_{x}_proj" for x in "qkv"]
+
+
+@pytest.mark.parametrize("change", ["q", "k", "v", "first-element", "last-element", "sign-bit"])
+def test_norm_cache_sees_any_changed_byte(pairs, tmp_path, monkeypatch, change):
+    """One row block of an open_clip in_proj_weight (q, k or v) changed, or a single element of a
+    targeted tensor: that layer's norms are recomputed (and right), the others come from the cache.
+    Each run starts fresh, as after a file copy or an edit, and with the file's digests recorded."""
+    base, _ = pairs("sd2")
+    ckpt = tmp_path / "base.safetensors"
+    shutil.copy(base, ckpt)
+    cache = tmp_path / "cache"
+    with BaseCheckpoint(ckpt, cache) as b:
+        fc1 = next(n for n in b.targets if n.endswith("layers_1_mlp_fc1"))
+        t = b.target(QKV[0]) if change in "qkv" else b.target(fc1)
+    names = QKV + [fc1]
+    monkeypatch.setattr(normcache, "RACY_NS", 0)  # the file is settled: its digests get recorded
+    before, computed = _norms(ckpt, cache, names)
+    assert computed == len(names)
+
+    if change in "qkv":
+        hit = QKV["qkv".index(change)]
+        rows = slice(*b.target(hit).rows)
+        w = _rewrite(ckpt, t.ckpt_key, lambda w: torch.cat([w[:rows.start], w[rows] * 10, w[rows.stop:]]))[rows]
+    else:
+        hit = fc1
+        at = {"first-element": 0, "last-element": -1, "sign-bit": 7}[change]
+        w = _rewrite(ckpt, t.ckpt_key, lambda w: w.reshape(-1).index_put_(
+            (torch.tensor(at),), -w.reshape(-1)[at] if change == "sign-bit" else torch.tensor(5.0)).reshape(w.shape))
+    after, computed = _norms(ckpt, cache, names)
+    assert (after[hit].spectral, after[hit].frobenius) == pytest.approx(_exact(w), rel=1e-5)
+    assert after[hit] != before[hit] and all(after[n] == before[n] for n in names if n != hit)
+    assert computed == 1
+
+
+def test_warm_norm_cache_reads_no_tensor_data(pairs, tmp_path, monkeypatch):
+    """Digests are recorded with the file's stat once the file is settled (last changed more than
+    RACY_NS before hashing): a run then reads no tensor data. A file changed just now is hashed
+    again on the next run (its norms still come from the cache)."""
+    base, _ = pairs("sd15")
+    ckpt = tmp_path / "base.safetensors"
+    shutil.copy(base, ckpt)
+    cache = tmp_path / "cache"
+    names = [t.name for t in tiny_targets("sd15")[:6]]
+    _norms(ckpt, cache, names)
+    assert not list(cache.glob("file-*.json"))  # just written: not settled, nothing recorded
+    monkeypatch.setattr(normcache, "layer_norms", lambda w: pytest.fail("norms recomputed"))
+    reads = []
+    real_get = SafetensorsFile.get
+    monkeypatch.setattr(SafetensorsFile, "get", lambda self, key: reads.append(key) or real_get(self, key))
+    monkeypatch.setattr(normcache, "RACY_NS", 0)
+    assert _norms(ckpt, cache, names)[1] == 0 and reads  # hashed again, now recorded
+    assert len(list(cache.glob("file-*.json"))) == 1
+    _no_tensor_reads(monkeypatch)
+    assert _norms(ckpt, cache, names)[1] == 0
+
+
+def test_norm_cache_sees_a_change_whose_mtime_was_restored(pairs, tmp_path, monkeypatch):
+    """A tool that rewrites bytes and sets the mtime back still changes ctime: the digests recorded
+    for the old stat are not trusted."""
+    base, _ = pairs("sd15")
+    ckpt = tmp_path / "base.safetensors"
+    shutil.copy(base, ckpt)
+    cache = tmp_path / "cache"
+    t = tiny_targets("sd15")[3]
+    monkeypatch.setattr(normcache, "RACY_NS", 0)
+    _norms(ckpt, cache, [t.name])
+    st = ckpt.stat()
+    w = _rewrite(ckpt, t.ckpt_key, lambda w: w.reshape(-1).index_put_((torch.tensor(0),), torch.tensor(9.0))
+                 .reshape(w.shape))
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert ckpt.stat().st_mtime_ns == st.st_mtime_ns and ckpt.stat().st_size == st.st_size
+    norms, computed = _norms(ckpt, cache, [t.name])
+    assert computed == 1 and norms[t.name].frobenius == pytest.approx(_exact(w)[1], rel=1e-5)
+
+
+def test_a_file_without_an_inode_number_is_never_recorded(tmp_path, monkeypatch):
+    """Its stat could be another file's: its digests are never trusted from a record."""
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(b"x")
+    assert normcache.FileState.of(f) is not None
+    st = os.stat(f)
+    no_inode = SimpleNamespace(st_dev=st.st_dev, st_ino=0, st_size=st.st_size, st_mtime_ns=1, st_ctime_ns=1)
+    monkeypatch.setattr(normcache, "os", SimpleNamespace(stat=lambda path: no_inode))  # normcache's view only
+    assert normcache.FileState.of(f) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_base_checkpoint(pairs, tmp_path, dtype):
+    """An fp8 checkpoint is a base like any other: norms of its values (computed in float32)."""
+    base, _ = pairs("sd15")
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v
+               for k, v in safetensors.torch.load_file(str(base)).items()}
+    ckpt = tmp_path / "fp8.safetensors"
+    safetensors.torch.save_file(tensors, str(ckpt))
+    targets = tiny_targets("sd15")[:4]
+    norms, _ = _norms(ckpt, tmp_path / "cache", [t.name for t in targets])
+    for t in targets:
+        assert (norms[t.name].spectral, norms[t.name].frobenius) == \
+            pytest.approx(_exact(tensors[t.ckpt_key].float()), rel=1e-5)
+    rep = resize_files([_lora(tmp_path)], tmp_path / "out", "spn_ckpt=1,thr=-2:subspace=1,thr=0", ckpt,
+                       cache_dir=tmp_path / "cache")
+    assert rep.totals["outputs"] == 2 and not rep.warnings
 
 
 def test_parallel_map_keeps_order_and_draws_few_items_ahead():

@@ -54,7 +54,7 @@ class LoHaModule(NetworkModule):
         if not all(k in tensors for k in need):
             return None
         w = {k: v for k, v in tensors.items() if k.startswith("hada_")}
-        return cls(name, w, alpha_of(tensors, tensors["hada_w1_b"].shape[0]), kernel)
+        return cls(name, w, alpha_of(name, tensors, tensors["hada_w1_b"].shape[0]), kernel)
 
     @property
     def alpha(self) -> float:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..lowrank import LowRank
-from .base import NetworkModule, alpha_of, register
+from .base import NetworkModule, alpha_of, one_spelling, register
 from .loha import Factors, tucker_factors
 
 
@@ -55,13 +55,15 @@ class LoKrModule(NetworkModule):
 
     @classmethod
     def from_tensors(cls, name, tensors, kernel):
+        one_spelling(name, tensors, ("lokr_w1",), ("lokr_w1_a", "lokr_w1_b"))
+        one_spelling(name, tensors, ("lokr_w2",), ("lokr_w2_a", "lokr_w2_b", "lokr_t2"))
         has1 = "lokr_w1" in tensors or ("lokr_w1_a" in tensors and "lokr_w1_b" in tensors)
         has2 = "lokr_w2" in tensors or ("lokr_w2_a" in tensors and "lokr_w2_b" in tensors)
         if not (has1 and has2):
             return None
         w = {k: v for k, v in tensors.items() if k.startswith("lokr_")}
         low = w.get("lokr_w1_b", w.get("lokr_w2_b"))
-        return cls(name, w, alpha_of(tensors, low.shape[0] if low is not None else 1), kernel)
+        return cls(name, w, alpha_of(name, tensors, low.shape[0] if low is not None else 1), kernel)
 
     @property
     def alpha(self) -> float:

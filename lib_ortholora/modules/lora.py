@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..lowrank import LowRank
-from .base import NetworkModule, alpha_of, register
+from .base import NetworkModule, alpha_of, one_spelling, register
 
 _DOWN = ("lora_down.weight", "lora_A.weight", "lora.down.weight")
 _UP = ("lora_up.weight", "lora_B.weight", "lora.up.weight")
@@ -32,11 +32,13 @@ class LoRAModule(NetworkModule):
 
     @classmethod
     def from_tensors(cls, name, tensors, kernel):
+        for spellings in (_DOWN, _UP):
+            one_spelling(name, tensors, *((k,) for k in spellings))
         down = next((tensors[k] for k in _DOWN if k in tensors), None)
         up = next((tensors[k] for k in _UP if k in tensors), None)
         if down is None or up is None:
             return None
-        return cls(name, up, down, tensors.get("lora_mid.weight"), alpha_of(tensors, down.shape[0]))
+        return cls(name, up, down, tensors.get("lora_mid.weight"), alpha_of(name, tensors, down.shape[0]))
 
     @property
     def alpha(self) -> float:
