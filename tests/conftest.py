@@ -14,6 +14,10 @@ if str(ROOT) not in sys.path:
 from lib_ortholora.synth import DeltaSpec, write_pair  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: heavy tests (real child processes, big inputs); -m 'not slow' skips them")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """Keep the norm cache (and anything else under XDG_CACHE_HOME) out of the user's home."""
