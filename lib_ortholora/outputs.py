@@ -1,5 +1,5 @@
 """The output policy of every operation, in one place: claim every output before any work, write
-each into its own locked temp file, publish them all at the end, or none.
+each into its own temp file, publish them all at the end, or none.
 
 `Outputs.claim` refuses, with one line naming the file, a target that
   - is not a `.safetensors` file (all the toolbox writes; `suffix=None` for other files), is a
@@ -13,11 +13,12 @@ run; listed in `removed`), then creates one temp file per target. Writers write 
 fail (fsync; the permissions of the file being replaced), then the moves; a move that still fails
 takes back the targets it had created. On any error before that, `discard` removes every temp.
 
-Temp files are `.<target name>.ortholora-<12 hex>.tmp` beside the target. The writer creates one
-under a `.new` name, takes an exclusive `flock` on it, and only then renames it to `.tmp`, holding
-the lock until it publishes or discards: a `.tmp` of our naming whose lock can be taken has no
-live writer and is stale. (Without `fcntl`, on Windows, an open file cannot be deleted, which
-gives the same guarantee.)
+Temp files are `.<target name>.ortholora-<token>.tmp` beside the target, `token` (12 hex) being
+the run's. Before its first temp file in a folder, a run creates `.ortholora-<token>.lock` there
+under a `.new` name, takes an exclusive `flock` on it, renames it into place, and holds it until
+its temp files are gone (one open file per folder, however many outputs). So the temp files of a
+token whose lock file is missing or can be locked belong to no live run: they are stale. (Without
+`fcntl`, on Windows, the held lock file cannot be deleted, which gives the same test.)
 
 Runs nest: a target that an enclosing run (or `Outputs` block) has claimed is written into that
 claim and published with it.
@@ -44,7 +45,8 @@ except ImportError:  # Windows
 PathLike = str | os.PathLike
 SAFETENSORS = ".safetensors"
 EXISTS = "exists; pass overwrite to replace it"
-_TEMP = re.compile(r"\..*\.ortholora-[0-9a-f]{12}\.tmp")
+_TEMP = re.compile(r"\..*\.ortholora-([0-9a-f]{12})\.tmp")
+_LOCK = re.compile(r"\.ortholora-([0-9a-f]{12})\.lock")
 _Key = tuple[int, int, str]
 
 
@@ -77,18 +79,21 @@ def _key(path: Path) -> _Key | None:
 
 @dataclass
 class Claim:
-    """One claimed target and the temp file its writer writes (`fd` holds the lock)."""
+    """One claimed target and the temp file its writer writes."""
 
     target: Path
     tmp: Path
-    fd: int
     overwrite: bool
     written: bool = False
     created: bool = False
 
     def prepare(self) -> None:
         """The steps of publishing that can fail: sync the data, give it the replaced file's mode."""
-        os.fsync(self.fd)
+        fd = os.open(self.tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if self.overwrite and os.path.exists(self.target):
             os.chmod(self.tmp, stat.S_IMODE(os.stat(self.target).st_mode))
 
@@ -110,66 +115,98 @@ class Claim:
             os.unlink(self.tmp)
         self.created = True
 
-    def release(self) -> None:
-        """Drop the temp file (if still there) and the lock."""
+
+def _create(path: Path) -> int:
+    """Create `path`, which must not exist; its open descriptor."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+
+
+class _FolderLock:
+    """A run's lock file in one folder (see the module docstring), held until `release`."""
+
+    def __init__(self, folder: Path, token: str):
+        self.path = folder / f".ortholora-{token}.lock"
+        first = self.path.with_name(self.path.name + ".new") if fcntl else self.path
         try:
-            self.tmp.unlink(missing_ok=True)
+            self.fd = _create(first)
+        except OSError as err:
+            raise write_error(err, folder) from err
+        try:
+            if fcntl:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.rename(first, self.path)
+        except OSError as err:
+            os.close(self.fd)
+            os.unlink(first)
+            raise write_error(err, folder) from err
+
+    def release(self) -> None:
+        try:
+            self.path.unlink(missing_ok=True)
         finally:
             os.close(self.fd)
 
 
-def _create_temp(target: Path) -> tuple[Path, int]:
-    """A new locked temp file beside `target` (see the module docstring)."""
-    name = f".{target.name[:150]}.ortholora-{secrets.token_hex(6)}"
-    tmp = target.with_name(name + ".tmp")
-    first = target.with_name(name + ".new") if fcntl else tmp
-    try:
-        fd = os.open(first, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as err:
-        raise write_error(err, target) from err
-    try:
-        if fcntl:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.rename(first, tmp)
-    except OSError as err:
-        os.close(fd)
-        os.unlink(first)
-        raise write_error(err, target) from err
-    return tmp, fd
-
-
-def _remove_if_stale(path: Path) -> bool:
-    """Remove a temp file of our naming whose writer is gone; True if removed."""
+@contextmanager
+def _gone(lock: Path) -> Iterator[bool]:
+    """Whether the run of this lock file is gone: the file is missing, or its lock is free (then
+    held here while the block removes that run's files)."""
     if fcntl is None:
         try:
-            path.unlink()  # fails while its writer holds it open
+            lock.unlink()  # refused while its run holds it open
+        except FileNotFoundError:
+            pass
         except OSError:
-            return False
-        return True
+            yield False
+            return
+        yield True
+        return
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        yield True
+        return
     except OSError:
-        return False
+        yield False
+        return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its run is alive
+            yield False
+            return
         st = os.fstat(fd)
-        if _identity(path) != (st.st_dev, st.st_ino):
-            return False  # published or removed since we opened it
-        path.unlink()
-    except OSError:  # locked: a live writer
-        return False
+        yield _identity(lock) in (None, (st.st_dev, st.st_ino))
     finally:
         os.close(fd)
-    return True
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:
-    """Remove the stale temp files of our naming in `folder`; returns them."""
+    """Remove the temp files (and lock files) of our naming in `folder` whose run is gone; returns
+    the temp files removed."""
     try:
         names = sorted(os.listdir(folder))
     except OSError:
         return []
-    return [folder / n for n in names if _TEMP.fullmatch(n) and _remove_if_stale(folder / n)]
+    by_token: dict[str, list[Path]] = {}
+    for name in names:
+        temp, lock = _TEMP.fullmatch(name), _LOCK.fullmatch(name)
+        if temp or lock:
+            by_token.setdefault((temp or lock)[1], []).extend([folder / name] if temp else [])
+    removed = []
+    for token, temps in by_token.items():
+        lock = folder / f".ortholora-{token}.lock"
+        with _gone(lock) as gone:
+            if not gone:
+                continue
+            for path in temps:
+                try:
+                    path.unlink()
+                except OSError:
+                    continue
+                removed.append(path)
+            lock.unlink(missing_ok=True)
+    return removed
 
 
 _ACTIVE: ContextVar[tuple["Outputs", ...]] = ContextVar("ortholora_outputs", default=())
@@ -192,15 +229,17 @@ class Outputs:
         self.claims: dict[_Key, Claim] = {}
         self.removed: list[Path] = []
         self.published: list[Path] = []
+        self.token = secrets.token_hex(6)
+        self._locks: dict[Path, _FolderLock] = {}
         self._made: list[Path] = []
-        self._token = None
+        self._context = None
 
     def __enter__(self) -> Outputs:
-        self._token = _ACTIVE.set(_ACTIVE.get() + (self,))
+        self._context = _ACTIVE.set(_ACTIVE.get() + (self,))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        _ACTIVE.reset(self._token)
+        _ACTIVE.reset(self._context)
         if exc_type is None:
             self.publish()
         else:
@@ -229,14 +268,24 @@ class Outputs:
                     raise OutputExists(path)
                 fresh[key] = path
             for folder in dict.fromkeys(p.parent for p in fresh.values()):
-                self.removed += remove_stale_temps(folder)
+                if folder not in self._locks:
+                    self.removed += remove_stale_temps(folder)
+                    self._locks[folder] = _FolderLock(folder, self.token)
             for key, path in fresh.items():
-                tmp, fd = _create_temp(path)
-                self.claims[key] = Claim(path, tmp, fd, overwrite)
+                self.claims[key] = Claim(path, self._temp(path), overwrite)
         except BaseException:
             self.discard()
             raise
         return paths
+
+    def _temp(self, target: Path) -> Path:
+        """The (new, empty) temp file of `target`."""
+        tmp = target.with_name(f".{target.name[:150]}.ortholora-{self.token}.tmp")
+        try:
+            os.close(_create(tmp))
+        except OSError as err:
+            raise write_error(err, target) from err
+        return tmp
 
     def _check(self, path: Path, suffix: str | None, make_folders: bool) -> None:
         """A file name with the right suffix, in a folder that exists (made here if asked)."""
@@ -285,10 +334,14 @@ class Outputs:
         return [c.target for c in written]
 
     def discard(self) -> None:
-        """Remove every temp file still there, and the folders the claim made if left empty."""
+        """Remove every temp file still there, then the lock files, then the folders the claim
+        made if left empty."""
         claims, self.claims = list(self.claims.values()), {}
         for c in claims:
-            c.release()
+            c.tmp.unlink(missing_ok=True)
+        locks, self._locks = list(self._locks.values()), {}
+        for lock in locks:
+            lock.release()
         for folder in sorted(self._made, key=lambda p: len(p.parts), reverse=True):
             try:
                 folder.rmdir()

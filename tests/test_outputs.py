@@ -128,6 +128,19 @@ def test_a_temp_file_of_another_live_process_is_never_removed(tmp_path):
         child.wait(30)
 
 
+def test_a_run_holds_one_open_file_per_folder_not_per_output(tmp_path):
+    """A batch of many outputs must not run out of file descriptors."""
+    open_fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("no /proc")
+    before = open_fds()
+    with Outputs() as outputs:
+        outputs.claim([tmp_path / f"x{i}.safetensors" for i in range(200)])
+        assert open_fds() - before == 1
+        assert len(temps(tmp_path)) == 200
+    assert os.listdir(tmp_path) == []
+
+
 def test_nested_runs_write_into_the_outer_claim(tmp_path):
     target = tmp_path / "x.safetensors"
     with Outputs() as outer:
