@@ -7,7 +7,6 @@ convs may follow their own policy or be left out.
 """
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +14,7 @@ from typing import Iterator
 import torch
 
 from . import arch as _arch
+from . import arguments
 from .errors import OrthoLoraError
 from .fileio import TensorFile, check_finite, open_tensors
 from .keys import Target, targets
@@ -22,18 +22,11 @@ from .lorafile import write_lora
 from .lowrank import LowRank, balanced
 from .progress import Progress
 from .rank import RankPolicy, as_policy
-from .report import Report, Row
+from .report import Report, Row, Status
+from .run import Run
 from .svd import exact_svd, truncated_svd
 
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` → cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise OrthoLoraError(f"unknown device {device!r}; use cpu, cuda or auto") from None
+SVD_METHODS = ("auto", "exact", "randomized")
 
 
 def decompose(d: torch.Tensor, shape: tuple[int, ...], policy: RankPolicy, svd: str = "auto") -> tuple[LowRank, float]:
@@ -87,12 +80,12 @@ def _layer_delta(t: Target, base: torch.Tensor, tuned: torch.Tensor, files: tupl
 
 
 def extract(base: TensorFile, tuned: TensorFile, policy: RankPolicy, conv_policy: RankPolicy | None,
-            skip: float = 1e-6, device: str = "auto", svd: str = "auto",
+            skip: float = 1e-6, device: str | torch.device = "auto", svd: str = "auto",
             progress: Progress | None = None) -> tuple[str, dict[str, LowRank], Report]:
     """Extract from two open checkpoints. `conv_policy=None` leaves resnet/sampler layers out.
     Returns (architecture id, {kohya name: LowRank}, report)."""
     arch, shapes = _pair_arch(base, tuned)
-    dev = resolve_device(device)
+    dev = arguments.device(device)
     todo = targets(arch, shapes, conv=conv_policy is not None)
     report = Report("extract", totals={"architecture": arch.title, "policy": policy.describe(),
                                        "conv_policy": conv_policy.describe() if conv_policy else "off"})
@@ -103,7 +96,7 @@ def extract(base: TensorFile, tuned: TensorFile, policy: RankPolicy, conv_policy
         peak = float(d.abs().max()) if d.numel() else 0.0
         row = report.add(Row(t.name, extra={"block": t.block, "shape": "×".join(map(str, t.shape))}))
         if peak <= skip:
-            row.status, row.note = "skipped", f"unchanged: max|ΔW| = {peak:.3g} ≤ {skip:g}"
+            row.status, row.note = Status.SKIPPED, f"unchanged: max|ΔW| = {peak:.3g} ≤ {skip:g}"
         else:
             layer_policy = conv_policy if (conv_policy and t.kernel > 1) else policy
             lr, err = decompose(d, t.shape, layer_policy, svd)
@@ -111,7 +104,7 @@ def extract(base: TensorFile, tuned: TensorFile, policy: RankPolicy, conv_policy
             row.rank, row.rel_error = lr.rank, err
         if progress:
             progress(i + 1, len(todo), t.name)
-    skipped = [r.module for r in report.rows if r.status == "skipped"]
+    skipped = [r.module for r in report.rows if r.status == Status.SKIPPED]
     report.totals.update({"modules": len(out), "skipped": len(skipped),
                           "skipped_text_encoder": sum(n.startswith("lora_te") for n in skipped)})
     if skipped:
@@ -123,33 +116,38 @@ def extract(base: TensorFile, tuned: TensorFile, policy: RankPolicy, conv_policy
     return arch.id, out, report
 
 
-def extract_lora(base_path: str | Path, tuned_path: str | Path, dim: RankPolicy | str | float | int = 0.08,
-                 min_dim: int = 8, max_dim: int | None = 96, save_path: str | Path | None = None, *,
-                 conv_dim: RankPolicy | str | float | int | None = None, conv: bool = True,
+def extract_lora(base_path: str | Path, tuned_path: str | Path, rank: RankPolicy | str | float | int = 0.08,
+                 min_rank: int = 8, max_rank: int | None = 96, save_path: str | Path | None = None, *,
+                 conv_rank: RankPolicy | str | float | int | None = None, conv: bool = True,
                  skip: float = 1e-6, device: str = "auto", svd: str = "auto",
                  dtype: torch.dtype = torch.float16, overwrite: bool = False,
                  progress: Progress | None = None) -> Report:
     """Extract a LoRA from checkpoint files and (with `save_path`) write it as a kohya LoRA.
 
-    `dim`: a float < 1 is a fraction of full rank (⌈dim·in·k²⌉, clamped to [min_dim, max_dim]);
+    `rank`: a float < 1 is a fraction of full rank (⌈rank·in·k²⌉, clamped to [min_rank, max_rank]);
     an int is a fixed rank; a string is any rank policy (`sv_ratio=20`, `fro=0.9,max=64`, …).
-    `conv_dim` is the policy for 3×3 convs (default: same as `dim`); `conv=False` leaves all
+    `conv_rank` is the policy for 3×3 convs (default: same as `rank`); `conv=False` leaves all
     resnet/sampler layers out.
     """
-    start = time.perf_counter()
-    policy = as_policy(dim, min_dim, max_dim)
-    conv_policy = as_policy(conv_dim, min_dim, max_dim) if conv_dim is not None else policy
-    if save_path is not None and Path(save_path).exists() and not overwrite:
-        raise OrthoLoraError("exists; pass overwrite to replace it", save_path)
-    with open_tensors(base_path) as base, open_tensors(tuned_path) as tuned:
-        arch_id, lowranks, report = extract(base, tuned, policy, conv_policy if conv else None,
-                                            skip, device, svd, progress)
-    if save_path is not None:
-        meta = {"ortholora_operation": "extract", "ortholora_base": Path(base_path).name,
-                "ortholora_tuned": Path(tuned_path).name, "ortholora_policy": report.totals["policy"],
-                "ortholora_conv_policy": report.totals["conv_policy"]}
-        write_lora(save_path, lowranks, arch_id, dtype, meta, overwrite)
-        report.outputs.append(str(save_path))
-        report.totals["output_mb"] = round(Path(save_path).stat().st_size / 2**20, 2)
-    report.totals["seconds"] = round(time.perf_counter() - start, 2)
-    return report
+    policy = as_policy(rank, min_rank, max_rank)
+    conv_policy = as_policy(conv_rank, min_rank, max_rank) if conv_rank is not None else policy
+    skip = arguments.number(skip, "skip", 0)
+    svd = arguments.choice(svd, SVD_METHODS, "svd")
+    dtype = arguments.output_dtype(dtype)
+    conv = arguments.flag(conv, "conv")
+    dev = arguments.device(device)
+    with Run("extract", progress) as run:
+        if save_path is not None:
+            run.claim([save_path], inputs=[base_path, tuned_path], overwrite=overwrite)
+        with open_tensors(base_path) as base, open_tensors(tuned_path) as tuned:
+            arch_id, lowranks, report = extract(base, tuned, policy, conv_policy if conv else None,
+                                                skip, dev, svd, run.phase("layers"))
+        run.use(report)
+        if save_path is not None:
+            meta = {"ortholora_operation": "extract", "ortholora_base": Path(base_path).name,
+                    "ortholora_tuned": Path(tuned_path).name, "ortholora_policy": report.totals["policy"],
+                    "ortholora_conv_policy": report.totals["conv_policy"]}
+            write = run.phase("write", 1)
+            write_lora(save_path, lowranks, arch_id, dtype, meta, overwrite)
+            write.step(Path(save_path).name)
+    return run.report

@@ -1,5 +1,5 @@
-"""All tensor file I/O: lazy readers, the streamed safetensors writer, atomic outputs, sshs hashes
-and safe output names. Every bad input raises ``OrthoLoraError`` naming the file."""
+"""All tensor file I/O: lazy readers, the safetensors writers (into the temp files of `outputs`), sshs
+hashes and safe output names. Every bad input raises ``OrthoLoraError`` naming the file."""
 from __future__ import annotations
 
 import ctypes
@@ -9,7 +9,6 @@ import json
 import math
 import os
 import pickle
-import secrets
 import threading
 import zipfile
 from abc import ABC, abstractmethod
@@ -24,6 +23,7 @@ import torch
 
 from .errors import OrthoLoraError
 from .memory import large_buffers_unmapped_on_free, trim
+from .outputs import SAFETENSORS, atomic_output, write_error
 
 PathLike = str | os.PathLike
 
@@ -55,7 +55,6 @@ MAX_TENSORS = 32768
 # A header nests 3 levels ({name: {"shape": [...]}}); deeper JSON is never a valid header, and
 # refusing it before parsing keeps json's recursion (and its RecursionError) out of reach.
 MAX_JSON_DEPTH = 8
-_EXISTS = "exists; pass overwrite to replace it"
 
 
 class MissingTensorError(OrthoLoraError, KeyError):
@@ -432,68 +431,6 @@ def check_finite(tensor: torch.Tensor, key: str, path: PathLike | None) -> None:
 # Writing
 
 
-def _disk_error(err: OSError, target: Path) -> OrthoLoraError:
-    return OrthoLoraError(f"cannot write: {err.strerror or err}", target)
-
-
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY if directory else os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish(tmp: Path, target: Path, overwrite: bool) -> None:
-    """Move the finished temp file to ``target``; without ``overwrite`` never clobber a file."""
-    if overwrite:
-        os.replace(tmp, target)
-        return
-    try:
-        os.link(tmp, target)
-    except FileExistsError:
-        raise OrthoLoraError(_EXISTS, target) from None
-    except OSError:  # no hard links on this filesystem
-        if os.path.lexists(target):
-            raise OrthoLoraError(_EXISTS, target) from None
-        os.replace(tmp, target)
-        return
-    os.unlink(tmp)
-
-
-@contextmanager
-def atomic_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; on success fsync it and move it to ``path``.
-
-    On any error the temp file is removed and the error re-raised; the target is untouched."""
-    target = Path(path)
-    if target.is_dir():
-        raise OrthoLoraError("is a folder", target)
-    if not overwrite and os.path.lexists(target):
-        raise OrthoLoraError(_EXISTS, target)
-    if not target.parent.is_dir():
-        raise OrthoLoraError("output folder does not exist", target)
-    tmp = target.parent / f".{target.stem}.{secrets.token_hex(6)}.tmp"
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except OSError as err:
-        raise _disk_error(err, target) from err
-    try:
-        yield tmp
-        try:
-            _fsync_path(tmp)
-            _publish(tmp, target, overwrite)
-        except OSError as err:
-            raise _disk_error(err, target) from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        _fsync_path(target.parent, directory=True)
-    except OSError:  # not every platform/filesystem can fsync a folder; the file itself is synced
-        pass
-
-
 def _write_all(file: io.FileIO, data: bytes | memoryview, target: Path) -> None:
     """Write every byte to an unbuffered file, turning OS errors into errors naming ``target``."""
     view = memoryview(data).cast("B")
@@ -501,7 +438,7 @@ def _write_all(file: io.FileIO, data: bytes | memoryview, target: Path) -> None:
         while view:
             view = view[file.write(view):]
     except OSError as err:
-        raise _disk_error(err, target) from err
+        raise write_error(err, target) from err
 
 
 @contextmanager
@@ -509,7 +446,7 @@ def _open_temp(tmp: Path, target: Path) -> Iterator[io.FileIO]:
     try:
         file = open(tmp, "wb", buffering=0)
     except OSError as err:
-        raise _disk_error(err, target) from err
+        raise write_error(err, target) from err
     with file:
         yield file
 
@@ -579,7 +516,7 @@ def write_safetensors_streamed(path: PathLike, specs: list[TensorSpec],
     order, and its result written and dropped, so peak memory is one tensor."""
     target = Path(path)
     head = _safetensors_header(specs, _check_metadata_out(metadata, target), target)
-    with atomic_output(target, overwrite) as tmp, _open_temp(tmp, target) as file:
+    with atomic_output(target, overwrite, SAFETENSORS) as tmp, _open_temp(tmp, target) as file:
         _write_all(file, head, target)
         for spec in specs:
             tensor = _conform(produce(spec.name), spec, target)
@@ -628,18 +565,17 @@ def save_lora_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
     Serialized once: the hashed ss_*-only file and the final one share the data section."""
     target = Path(path)
     final = _check_metadata_out(metadata, target)
-    if not overwrite and os.path.lexists(target):
-        raise OrthoLoraError(_EXISTS, target)
-    blob = safetensors.torch.save(_owned_tensors(tensors), _training(final))
-    final.update(_hashes_of(blob))
-    n = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8:8 + n])
-    header["__metadata__"] = final
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with atomic_output(target, overwrite) as tmp, _open_temp(tmp, target) as file:
-        _write_all(file, len(head).to_bytes(8, "little") + head, target)
-        _write_all(file, memoryview(blob)[8 + n:], target)
+    with atomic_output(target, overwrite, SAFETENSORS) as tmp:
+        blob = safetensors.torch.save(_owned_tensors(tensors), _training(final))
+        final.update(_hashes_of(blob))
+        n = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8:8 + n])
+        header["__metadata__"] = final
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        with _open_temp(tmp, target) as file:
+            _write_all(file, len(head).to_bytes(8, "little") + head, target)
+            _write_all(file, memoryview(blob)[8 + n:], target)
     return final
 
 

@@ -10,11 +10,14 @@ import math
 import os
 from pathlib import Path
 
-from .arch import Arch
+from . import arguments
+from .arch import ARCHS, Arch
 from .keys import name_table
-from .lorafile import read_lora
+from .lorafile import LoraFile, read_lora
 from .modules import NetworkModule
-from .report import Report, Row
+from .progress import Progress
+from .report import Report, Row, Status
+from .run import Run
 
 METADATA_CHARS = 300
 
@@ -43,14 +46,26 @@ def _short(value: str, limit: int) -> str:
     return value if len(value) <= limit else f"{value[:limit]}… ({len(value)} chars)"
 
 
-def inspect_lora(path: str | os.PathLike, arch: str | None = None, full_metadata: bool = False) -> Report:
+def inspect_lora(path: str | os.PathLike, arch: str | None = None, full_metadata: bool = False,
+                 progress: Progress | None = None) -> Report:
     """Per-module rows (family, rank, alpha, scale, norm, block) and totals (family, architecture,
     block energy shares, metadata — long values shortened unless `full_metadata`)."""
-    lf = read_lora(Path(path), arch)
+    if arch is not None:
+        arguments.choice(arch, ARCHS, "arch")
+    with Run("inspect", progress) as run:
+        read = run.phase("read", 1)
+        lf = read_lora(Path(path), arch)
+        read.step(Path(path).name)
+        _summarize(lf, run.report, full_metadata, run.phase("modules", len(lf.modules)))
+    return run.report
+
+
+def _summarize(lf: LoraFile, report: Report, full_metadata: bool, progress: Progress) -> None:
+    """The rows, totals and warnings of an inspect report."""
     table = name_table(lf.arch) if lf.arch else {}
-    report = Report("inspect")
     norms = {}
-    for name, module in lf.modules.items():
+    for i, (name, module) in enumerate(lf.modules.items()):
+        progress(i + 1, len(lf.modules), name)
         lr = module.lowrank()
         norms[name] = module_norm(module)
         extra = {"family": module.family, "block": table[name].block if name in table else "?",
@@ -58,7 +73,7 @@ def inspect_lora(path: str | os.PathLike, arch: str | None = None, full_metadata
                  "norm": norms[name], "shape": "x".join(map(str, module.shape))}
         if module.bias_delta() is not None:
             extra["bias"] = "yes"
-        report.add(Row(name, "unknown" if name in lf.unknown else "ok", rank=module.rank, extra=extra))
+        report.add(Row(name, Status.UNKNOWN if name in lf.unknown else Status.OK, rank=module.rank, extra=extra))
     ranks = sorted({m.rank for m in lf.modules.values() if m.rank is not None})
     report.totals.update({
         "file": str(lf.path),
@@ -73,4 +88,3 @@ def inspect_lora(path: str | os.PathLike, arch: str | None = None, full_metadata
         report.warnings.append(f"{len(lf.unknown)} module(s) match no layer of {report.totals['architecture']}")
     if lf.stray_keys:
         report.warnings.append(f"{len(lf.stray_keys)} tensor(s) outside any module: {', '.join(lf.stray_keys[:5])}")
-    return report

@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from . import arguments
 from .arch import Arch
 from .diag import (META_KEY, DiagSpec, JoinInfo, JoinSource, apply_diag_to_up, diag_vector, join_info_from_metadata,
                    make_join_metadata, parse_diag, safe_source_name)
@@ -27,7 +28,8 @@ from .lorafile import LoraFile, read_lora, write_lora
 from .lowrank import LowRank, balanced
 from .modules import NetworkModule
 from .progress import Progress
-from .report import Report, Row
+from .report import Report, Row, Status
+from .run import Run
 from .svd import exact_svd, factor_svd
 
 PathLike = str | os.PathLike
@@ -96,18 +98,6 @@ def drop_zero_ranks(lr: LowRank, v: torch.Tensor, ranks: Sequence[int]) -> tuple
 # Files
 
 
-def as_ratios(ratios: float | Sequence[float] | None, n: int, what: str = "ratio") -> list[float]:
-    """One finite value per LoRA file: None → all 1, a number → repeated, else checked for length."""
-    if ratios is None:
-        return [1.0] * n
-    values = [float(ratios)] * n if isinstance(ratios, (int, float)) else [float(r) for r in ratios]
-    if len(values) != n:
-        raise OrthoLoraError(f"{len(values)} {what}(s) given for {n} LoRA file(s)")
-    if not all(math.isfinite(r) for r in values):
-        raise OrthoLoraError(f"{what}s must be finite numbers, got {values}")
-    return values
-
-
 def source_names(paths: Sequence[Path], names: Sequence[str] | None = None) -> list[str]:
     """Unique slice names (file stems by default), made safe for diag specs."""
     raw = list(names) if names is not None else [p.stem for p in paths]
@@ -122,10 +112,15 @@ def source_names(paths: Sequence[Path], names: Sequence[str] | None = None) -> l
     return out
 
 
-def read_sources(paths: Sequence[PathLike], report: Report) -> tuple[str, list[dict[str, LowRank]]]:
+def read_sources(paths: Sequence[PathLike], report: Report, progress: Progress | None = None
+                 ) -> tuple[str, list[dict[str, LowRank]]]:
     """Read LoRA files of one architecture as exact LowRanks in layer layout; what cannot be part
     of a LoRA (modules matching no layer, bias deltas) is dropped with a warning."""
-    files = [read_lora(p) for p in paths]
+    files = []
+    for i, p in enumerate(paths):
+        files.append(read_lora(p))
+        if progress:
+            progress(i + 1, len(paths), Path(p).name)
     archs = {lf.arch for lf in files}
     if None in archs:
         bad = next(lf for lf in files if lf.arch is None)
@@ -164,22 +159,27 @@ def join_loras(paths: Sequence[PathLike], save_path: PathLike, ratios: float | S
                progress: Progress | None = None) -> Report:
     """Exact join of LoRA-like files into one kohya LoRA whose metadata records each source's slice
     (`names`: slice names, default the file stems)."""
-    paths = [Path(p) for p in paths]
+    paths = arguments.path_list(paths)
     if not paths:
         raise OrthoLoraError("no LoRA file given")
-    ratios = as_ratios(ratios, len(paths))
+    ratios = arguments.as_ratios(ratios, len(paths))
     labels = source_names(paths, names)
-    report = Report("join")
-    arch, sources = read_sources(paths, report)
-    joined, ranks = join(sources, ratios, progress)
-    for name, lr in joined.items():
-        report.add(Row(name, rank=lr.rank, extra={"slices": "+".join(map(str, ranks[name]))}))
-    meta = make_join_metadata([(n, p.name, r) for n, p, r in zip(labels, paths, ratios)], ranks)
-    write_lora(save_path, joined, arch, dtype, {META_KEY: meta}, overwrite)
-    report.totals.update({"sources": ", ".join(f"{n}×{r:g}" for n, r in zip(labels, ratios)),
-                          "modules": len(joined), "max_rank": max(lr.rank for lr in joined.values())})
-    report.outputs.append(str(save_path))
-    return report
+    dtype = arguments.output_dtype(dtype)
+    with Run("join", progress) as run:
+        run.claim([save_path], inputs=paths, overwrite=overwrite)
+        report = run.report
+        arch, sources = read_sources(paths, report, run.phase("read"))
+        joined, ranks = join(sources, ratios, run.phase("join"))
+        for name, lr in joined.items():
+            report.add(Row(name, rank=lr.rank, extra={"slices": "+".join(map(str, ranks[name]))}))
+        meta = make_join_metadata([(n, p.name, r) for n, p, r in zip(labels, paths, ratios)], ranks)
+        write = run.phase("write", 1)
+        write_lora(save_path, joined, arch, dtype, {META_KEY: meta}, overwrite)
+        write.step(Path(save_path).name)
+        report.totals.update({"architecture": Arch(arch).title,
+                              "sources": ", ".join(f"{n}×{r:g}" for n, r in zip(labels, ratios)),
+                              "modules": len(joined), "max_rank": max(lr.rank for lr in joined.values())})
+    return run.report
 
 
 def _stored_dtype(path: Path) -> torch.dtype:
@@ -188,50 +188,60 @@ def _stored_dtype(path: Path) -> torch.dtype:
         return next((f.dtype(k) for k in f.keys() if f.dtype(k).is_floating_point), torch.float16)
 
 
-def bake_diag(lora_path: PathLike, spec: str | DiagSpec, save_path: PathLike, *, drop_zero: bool = True,
+def bake_diag(lora_path: PathLike, spec: str | DiagSpec, save_path: PathLike, *, keep_zero: bool = False,
               dtype: torch.dtype | None = None, overwrite: bool = False, progress: Progress | None = None) -> Report:
     """Write a LoRA with a diag spec baked in (up's columns × v). A per-slice spec needs a joined
-    LoRA; a per-rank spec also works on a plain one (every module's rank must match). With
-    `drop_zero`, directions with v = 0 leave the file and the slices metadata shrinks to match."""
+    LoRA; a per-rank spec also works on a plain one (every module's rank must match). Directions
+    with v = 0 leave the file (and the slices metadata shrinks to match) unless `keep_zero`."""
     path = Path(lora_path)
-    lf = read_lora(path)
     if isinstance(spec, str):
         spec = parse_diag(spec)
-    lowranks = lf.lowranks()
-    try:
-        info = join_info_from_metadata(lf.metadata) or JoinInfo(
-            (JoinSource(safe_source_name(lf.stem), path.name, 1.0),), {n: (lr.rank,) for n, lr in lowranks.items()})
-    except OrthoLoraError as e:
-        raise OrthoLoraError(e.problem, path) from None
-    report = Report("diag")
-    out, ranks = {}, {}
-    for i, (name, lr) in enumerate(lowranks.items()):
-        if progress:
-            progress(i + 1, len(lowranks), name)
+    keep_zero = arguments.flag(keep_zero, "keep_zero")
+    dtype = None if dtype is None else arguments.output_dtype(dtype)
+    with Run("diag", progress) as run:
+        run.claim([save_path], inputs=[path], overwrite=overwrite)
+        read = run.phase("read", 1)
+        lf = read_lora(path)
+        read.step(path.name)
+        if lf.arch is None:
+            raise OrthoLoraError("no module name matches SD1, SD2 or SDXL layers", path)
+        lowranks = lf.lowranks()
         try:
-            v = diag_vector(spec, info, name)
-            if info.total_rank(name) != lr.rank:
-                raise OrthoLoraError(f"module {name} has rank {lr.rank} but the join metadata says "
-                                     f"{info.total_rank(name)}")
+            info = join_info_from_metadata(lf.metadata) or JoinInfo(
+                (JoinSource(safe_source_name(lf.stem), path.name, 1.0),), {n: (lr.rank,) for n, lr in lowranks.items()})
         except OrthoLoraError as e:
             raise OrthoLoraError(e.problem, path) from None
-        baked, r = apply_diag(lr, v), list(info.module_ranks(name))
-        if drop_zero:
-            baked, r = drop_zero_ranks(baked, v, r)
-        if baked.rank == 0:
-            report.add(Row(name, "dropped", old_rank=lr.rank, rank=0))
-            continue
-        out[name], ranks[name] = baked, r
-        report.add(Row(name, old_rank=lr.rank, rank=baked.rank, extra={"slices": "+".join(map(str, r))}))
-    if not out:
-        raise OrthoLoraError(f"diag {spec.text} leaves nothing: every direction is 0", path)
-    extra = {"ortholora_diag": spec.text}
-    if META_KEY in lf.metadata:
-        used = [i for i in range(len(info.sources)) if any(r[i] for r in ranks.values())]
-        extra[META_KEY] = make_join_metadata([info.sources[i] for i in used],
-                                             {n: [r[i] for i in used] for n, r in ranks.items()})
-        report.totals["sources_kept"] = ", ".join(info.sources[i].name for i in used)
-    write_lora(save_path, out, lf.arch, dtype or _stored_dtype(path), extra, overwrite)
-    report.totals.update({"diag": spec.text, "modules": len(out), "dropped": report.count("dropped")})
-    report.outputs.append(str(save_path))
-    return report
+        report = run.report
+        out, ranks = {}, {}
+        bake = run.phase("bake", len(lowranks))
+        for name, lr in lowranks.items():
+            bake.step(name)
+            try:
+                v = diag_vector(spec, info, name)
+                if info.total_rank(name) != lr.rank:
+                    raise OrthoLoraError(f"module {name} has rank {lr.rank} but the join metadata says "
+                                         f"{info.total_rank(name)}")
+            except OrthoLoraError as e:
+                raise OrthoLoraError(e.problem, path) from None
+            baked, r = apply_diag(lr, v), list(info.module_ranks(name))
+            if not keep_zero:
+                baked, r = drop_zero_ranks(baked, v, r)
+            if baked.rank == 0:
+                report.add(Row(name, Status.DROPPED, old_rank=lr.rank, rank=0))
+                continue
+            out[name], ranks[name] = baked, r
+            report.add(Row(name, old_rank=lr.rank, rank=baked.rank, extra={"slices": "+".join(map(str, r))}))
+        if not out:
+            raise OrthoLoraError(f"diag {spec.text} leaves nothing: every direction is 0", path)
+        extra = {"ortholora_diag": spec.text}
+        report.totals["architecture"] = Arch(lf.arch).title
+        if META_KEY in lf.metadata:
+            used = [i for i in range(len(info.sources)) if any(r[i] for r in ranks.values())]
+            extra[META_KEY] = make_join_metadata([info.sources[i] for i in used],
+                                                 {n: [r[i] for i in used] for n, r in ranks.items()})
+            report.totals["sources_kept"] = ", ".join(info.sources[i].name for i in used)
+        write = run.phase("write", 1)
+        write_lora(save_path, out, lf.arch, dtype or _stored_dtype(path), extra, overwrite)
+        write.step(Path(save_path).name)
+        report.totals.update({"diag": spec.text, "modules": len(out), "dropped": report.count(Status.DROPPED)})
+    return run.report

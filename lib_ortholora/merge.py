@@ -15,15 +15,16 @@ from typing import Mapping, Sequence
 
 import torch
 
+from . import arguments
 from .arch import Arch, Shape, detect
 from .errors import OrthoLoraError
 from .fileio import TensorSpec, check_finite, open_tensors, write_safetensors_streamed
-from .join import as_ratios
 from .keys import Target, targets
 from .lorafile import LoraFile, read_lora
 from .modules import NetworkModule
 from .progress import Progress
-from .report import Report, Row
+from .report import Report, Row, Status
+from .run import Run
 
 PathLike = str | os.PathLike
 ADDMM_MAX_RANK = 128
@@ -79,7 +80,7 @@ def plan_merge(arch: Arch, shapes: Mapping[str, Shape], loras: Sequence[tuple[Lo
             t = table.get(name) if name not in lora.unknown else None
             row = report.add(Row(name, extra={"lora": lora.stem, "family": module.family}))
             if t is None:
-                row.status, row.note = "unmatched", "no layer of this checkpoint has this name"
+                row.status, row.note = Status.UNMATCHED, "no layer of this checkpoint has this name"
                 unmatched.append(name)
                 continue
             flat = (module.shape[0], torch.Size(module.shape[1:]).numel())
@@ -135,52 +136,55 @@ def merge_lora(base_path: PathLike, lora_path: PathLike | Sequence[PathLike], mu
     (None keeps each tensor's own). Output is safetensors at `save_path` (default
     `<base>-merged.safetensors` next to the base); the base may also be a .ckpt."""
     base = Path(base_path)
-    paths = [Path(lora_path)] if isinstance(lora_path, (str, os.PathLike)) else [Path(p) for p in lora_path]
+    paths = arguments.path_list(lora_path)
     if not paths:
         raise OrthoLoraError("no LoRA file given")
-    mults = as_ratios(multiplier, len(paths), "multiplier")
+    mults = arguments.as_ratios(multiplier, len(paths), "multiplier")
+    dtype = None if dtype is None else arguments.output_dtype(dtype)
     out = Path(save_path) if save_path is not None else base.with_name(f"{base.stem}-merged.safetensors")
-    if out.resolve() in {p.resolve() for p in (base, *paths)}:
-        raise OrthoLoraError("the output would replace one of the inputs", out)
-    with open_tensors(base) as f:
-        shapes = {k: f.shape(k) for k in f.keys()}
-        arch = detect(shapes, str(base))
-        loras = [(read_for(p, arch.id), m) for p, m in zip(paths, mults)]
-        plan, report = plan_merge(arch, shapes, loras, base)
-        if not plan:
-            raise OrthoLoraError(f"nothing to merge: no module of {', '.join(p.name for p in paths)} matches a "
-                                 f"layer of this {arch.title} checkpoint", base)
-        specs = [TensorSpec(k, _out_dtype(f.dtype(k), dtype), shapes[k]) for k in f.keys()]
-        done = 0
+    with Run("merge", progress) as run:
+        run.claim([out], inputs=[base, *paths], overwrite=overwrite)
+        with open_tensors(base) as f:
+            shapes = {k: f.shape(k) for k in f.keys()}
+            arch = detect(shapes, str(base))
+            read = run.phase("read", len(paths))
+            loras = []
+            for p, m in zip(paths, mults):
+                loras.append((read_for(p, arch.id), m))
+                read.step(p.name)
+            plan, report = plan_merge(arch, shapes, loras, base)
+            report = run.use(report)
+            if not plan:
+                raise OrthoLoraError(f"nothing to merge: no module of {', '.join(p.name for p in paths)} matches a "
+                                     f"layer of this {arch.title} checkpoint", base)
+            specs = [TensorSpec(k, _out_dtype(f.dtype(k), dtype), shapes[k]) for k in f.keys()]
+            step = run.phase("merge", len(specs)).step
 
-        def produce(key: str) -> torch.Tensor:
-            nonlocal done
-            done += 1
-            if progress:
-                progress(done, len(specs), key)
-            if key not in plan:
-                return f.get(key)
-            merged = merged_tensor(f.get(key), plan[key], _out_dtype(f.dtype(key), dtype))
-            try:
-                check_finite(merged, key, out)
-            except OrthoLoraError:
-                check_finite(f.get(key), key, base)  # NaN/Inf already in the checkpoint: name that file
-                raise
-            return merged
+            def produce(key: str) -> torch.Tensor:
+                step(key)
+                if key not in plan:
+                    return f.get(key)
+                merged = merged_tensor(f.get(key), plan[key], _out_dtype(f.dtype(key), dtype))
+                try:
+                    check_finite(merged, key, out)
+                except OrthoLoraError:
+                    check_finite(f.get(key), key, base)  # NaN/Inf already in the checkpoint: name that file
+                    raise
+                return merged
 
-        meta = {k: v for k, v in f.metadata.items() if "hash" not in k.lower()}
-        meta["ortholora_merge"] = json.dumps([{"file": p.name, "multiplier": m} for p, m in zip(paths, mults)])
-        write_safetensors_streamed(out, specs, produce, meta, overwrite)
-    biases = sum(cs[0].bias for cs in plan.values())
-    report.totals.update({
-        "checkpoint": f"{base.name} ({arch.title})",
-        "loras": ", ".join(f"{p.name}×{m:g}" for p, m in zip(paths, mults)),
-        "layers_changed": len(plan) - biases,
-        "biases_changed": biases,
-        "tensors_unchanged": len(shapes) - len(plan),
-        "modules_merged": report.count("ok"),
-        "modules_unmatched": report.count("unmatched"),
-        "dtype": "kept" if dtype is None else str(dtype).replace("torch.", ""),
-    })
-    report.outputs.append(str(out))
-    return report
+            meta = {k: v for k, v in f.metadata.items() if "hash" not in k.lower()}
+            meta["ortholora_merge"] = json.dumps([{"file": p.name, "multiplier": m} for p, m in zip(paths, mults)])
+            write_safetensors_streamed(out, specs, produce, meta, overwrite)
+        biases = sum(cs[0].bias for cs in plan.values())
+        report.totals.update({
+            "checkpoint": base.name,
+            "architecture": arch.title,
+            "loras": ", ".join(f"{p.name}×{m:g}" for p, m in zip(paths, mults)),
+            "layers_changed": len(plan) - biases,
+            "biases_changed": biases,
+            "tensors_unchanged": len(shapes) - len(plan),
+            "modules_merged": report.count(Status.OK),
+            "modules_unmatched": report.count(Status.UNMATCHED),
+            "dtype": "kept" if dtype is None else str(dtype).replace("torch.", ""),
+        })
+    return run.report

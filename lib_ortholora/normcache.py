@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -49,8 +50,9 @@ import torch
 
 from .arch import detect
 from .errors import OrthoLoraError
-from .fileio import TensorFile, atomic_output, check_finite, json_outline, open_tensors
+from .fileio import TensorFile, check_finite, json_outline, open_tensors
 from .keys import Target, targets
+from .outputs import atomic_output
 from .progress import Progress
 
 CACHE_VERSION = 2
@@ -134,26 +136,40 @@ def layer_norms(w: torch.Tensor) -> LayerNorms:
 
 
 _WORKERS: ContextVar[int | None] = ContextVar("ortholora_layer_workers", default=None)
+_THREADS = threading.Lock()  # guards the two below
+_users = 0  # layer_parallelism sections open now, in any thread
+_saved = 0  # torch's thread count before the first of them began
 
 
 @contextmanager
 def layer_parallelism() -> Iterator[int]:
-    """Inside, torch ops run single-threaded and `parallel_map` spreads layers over as many worker
-    threads as torch had threads on entry (nested uses keep the outermost count); yields that count.
-    Many small per-layer ops scale far better across layers than inside each op, and never
-    oversubscribe a busy machine."""
+    """Inside, torch ops of this thread and of `parallel_map`'s workers run single-threaded, and
+    `parallel_map` spreads layers over as many worker threads as torch had threads before (nested
+    uses keep the outer count); yields that count. Many small per-layer ops scale far better across
+    layers than inside each op, and never oversubscribe a busy machine.
+
+    torch's thread count is also the default of every thread started later, process-wide; sections
+    overlapping in several threads (two API requests) share the count saved by the first, and each
+    puts it back on leaving, so the process never keeps one thread."""
+    global _users, _saved
     workers = _WORKERS.get()
     if workers is not None:
         yield workers
         return
-    workers = torch.get_num_threads()
+    with _THREADS:
+        if _users == 0:
+            _saved = torch.get_num_threads()
+        _users += 1
+        workers = _saved
+        torch.set_num_threads(1)
     token = _WORKERS.set(workers)
-    torch.set_num_threads(1)
     try:
         yield workers
     finally:
-        torch.set_num_threads(workers)
         _WORKERS.reset(token)
+        with _THREADS:
+            _users -= 1
+            torch.set_num_threads(workers)
 
 
 def parallel_map(fn: Callable[[_T], _R], items: Iterable[_T]) -> Iterator[_R]:
@@ -163,7 +179,7 @@ def parallel_map(fn: Callable[[_T], _R], items: Iterable[_T]) -> Iterator[_R]:
         if workers <= 1:
             yield from map(fn, items)
             return
-        with ThreadPoolExecutor(workers) as pool:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             pending: deque[Future[_R]] = deque()
             for item in items:
                 pending.append(pool.submit(fn, item))
@@ -286,7 +302,7 @@ class BaseCheckpoint:
                     store[digest] = norms
                     computed += 1
                 if progress:
-                    progress(i + 1, len(todo), f"base norms {name}")
+                    progress(i + 1, len(todo), name)
             digests.update(hashed)
             self._save(store if computed else None, digests, started)
         return {n: store[digests[n]] for n in names}, computed

@@ -27,9 +27,15 @@ class RankPolicy:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise OrthoLoraError(f"unknown rank policy {self.kind!r}; expected one of {', '.join(KINDS)}")
+        number = isinstance(self.value, (int, float)) and not isinstance(self.value, bool)
+        counts = all(isinstance(n, int) and not isinstance(n, bool) for n in (self.min_rank, self.max_rank or 0))
+        if not (number and counts):
+            raise OrthoLoraError(f"rank policy {self.kind}: value {self.value!r}, min {self.min_rank!r} and max "
+                                 f"{self.max_rank!r} must be numbers (min and max whole)")
         bad = (self.value <= 0 or not math.isfinite(self.value)
                or (self.kind in ("fro", "cumulative", "fraction") and self.value > 1)
                or (self.kind == "sv_ratio" and self.value < 1)
+               or (self.kind == "fixed" and self.value != int(self.value))
                or self.min_rank < 0 or (self.max_rank is not None and self.max_rank < max(self.min_rank, 1)))
         if bad:
             raise OrthoLoraError(f"rank policy {self.describe()} is out of range")
@@ -46,7 +52,8 @@ class RankPolicy:
         """An upper bound on the rank this policy can pick for a layer of this shape."""
         out, inner = shape[0], math.prod(shape[1:])
         full = min(out, inner)
-        bound = {"fixed": int(self.value), "fraction": math.ceil(self.value * inner)}.get(self.kind, full)
+        bound = (int(self.value) if self.kind == "fixed" else math.ceil(self.value * inner) if self.kind == "fraction"
+                 else full)
         if self.max_rank is not None:
             bound = min(bound, self.max_rank)
         return max(min(bound, full), min(self.min_rank, full))

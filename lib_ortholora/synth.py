@@ -16,6 +16,7 @@ import torch
 from . import arch as _arch
 from .fileio import TensorSpec, write_safetensors_streamed
 from .keys import Target, targets
+from .outputs import Outputs
 from .progress import Progress
 
 
@@ -115,8 +116,10 @@ def write_pair(arch_id: str, out_dir: str | Path, full: bool = False, seed: int 
             return produce(key)
         return wrapped
 
-    write_safetensors_streamed(paths[0], specs, counted(lambda k: base_tensor(k, shapes[k], seed).to(
-        torch.int64 if k.endswith("position_ids") else dtype)), meta, overwrite)
-    produce = _tuned_producer(shapes, seed, deltas, targets(arch, shapes, conv=True), dtype)
-    write_safetensors_streamed(paths[1], specs, counted(produce), meta, overwrite)
+    with Outputs() as outputs:  # both or neither, refused before any work
+        outputs.claim(paths, overwrite=overwrite)
+        write_safetensors_streamed(paths[0], specs, counted(lambda k: base_tensor(k, shapes[k], seed).to(
+            torch.int64 if k.endswith("position_ids") else dtype)), meta, overwrite)
+        produce = _tuned_producer(shapes, seed, deltas, targets(arch, shapes, conv=True), dtype)
+        write_safetensors_streamed(paths[1], specs, counted(produce), meta, overwrite)
     return paths

@@ -23,6 +23,10 @@ def _webui_modules() -> list[str]:
     return [k for k in sys.modules if k.split(".")[0] in _WEBUI_MODULES]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: heavy tests (real child processes, big inputs); -m 'not slow' skips them")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """Keep the norm cache (and anything else under XDG_CACHE_HOME) out of the user's home."""

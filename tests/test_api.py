@@ -56,31 +56,31 @@ def test_routes_and_listing(api):
 
 
 def test_extract_on_the_demo_models(api):
-    report = post(api, "extract", {"base": BASE, "tuned": "sd15_tuned", "out": "api_lora", "dim": "8",
-                                   "no_conv": True, "dtype": "fp32", "device": "cpu"})
+    report = post(api, "extract", {"base": BASE, "tuned": "sd15_tuned", "out": "api_lora", "rank": "8",
+                                   "conv": False, "dtype": "fp32", "device": "cpu"})
     out = api.models / "Lora" / "api_lora.safetensors"
     assert report["operation"] == "extract" and report["outputs"] == [str(out)]
     assert out.is_file() and api.written == [out]
     assert report["totals"]["modules"] == len(report["rows"]) - report["totals"]["skipped"]
     assert {m.rank for m in read_lora(out).modules.values()} == {8}
     # the same again without overwrite: 400 with the reason; with it: replaced
-    r = api.post(f"{PREFIX}/extract", json={"base": BASE, "tuned": TUNED, "out": "api_lora", "dim": 4})
+    r = api.post(f"{PREFIX}/extract", json={"base": BASE, "tuned": TUNED, "out": "api_lora", "rank": 4})
     assert r.status_code == 400 and "exists" in r.json()["detail"] and "overwrite" in r.json()["detail"]
-    post(api, "extract", {"base": BASE, "tuned": TUNED, "out": "api_lora", "dim": 4, "no_conv": True,
+    post(api, "extract", {"base": BASE, "tuned": TUNED, "out": "api_lora", "rank": 4, "conv": False,
                           "overwrite": True})
     assert {m.rank for m in read_lora(out).modules.values()} == {4}
 
 
 @pytest.mark.parametrize("body, message", [
     ({"base": BASE, "tuned": TUNED}, "missing option(s) 'out'"),
-    ({"base": BASE, "tuned": TUNED, "out": "x", "rank": 3}, "unknown option(s) 'rank'"),
-    ({"base": BASE, "tuned": TUNED, "out": "x", "no_conv": "yes"}, "'no_conv' must be true or false"),
+    ({"base": BASE, "tuned": TUNED, "out": "x", "dim": 3}, "unknown option(s) 'dim'"),
+    ({"base": BASE, "tuned": TUNED, "out": "x", "conv": "yes"}, "'conv' must be true or false"),
     ({"base": BASE, "tuned": TUNED, "out": "x", "skip": float("nan")}, "must be a number"),
     ({"base": BASE, "tuned": TUNED, "out": "../evil"}, "must be a plain file name"),
     ({"base": BASE, "tuned": TUNED, "out": "/tmp/evil"}, "is an absolute path"),
     ({"base": "../Lora/demo_style.safetensors", "tuned": TUNED, "out": "x"}, "no checkpoint named"),
     ({"base": BASE, "tuned": "nope", "out": "x"}, "no checkpoint named 'nope'"),
-    ({"base": BASE, "tuned": TUNED, "out": "x", "dim": "bogus"}, "rank policy"),
+    ({"base": BASE, "tuned": TUNED, "out": "x", "rank": "bogus"}, "rank policy"),
     ({"base": BASE, "tuned": TUNED, "out": "x", "dtype": "fp8"}, "dtype must be one of"),
     ({"base": BASE, "tuned": TUNED, "out": "x", "svd": "magic"}, "svd must be one of"),
     ([1, 2], "must be a JSON object"),

@@ -28,7 +28,7 @@ def _layers(base_path, tuned_path):
 def test_base_plus_lora_reconstructs_tuned(pairs, tmp_path, arch_id):
     base, tuned = pairs(arch_id)
     out = tmp_path / "x.safetensors"
-    report = extract_lora(base, tuned, 8, min_dim=1, max_dim=None, save_path=out, dtype=torch.float32)
+    report = extract_lora(base, tuned, 8, min_rank=1, max_rank=None, save_path=out, dtype=torch.float32)
     lora = read_lora(out)
     assert lora.arch == arch_id and not lora.unknown
     assert report.totals["modules"] == len(lora.modules) == len(targets(_arch.Arch(arch_id), _arch.spec(arch_id, 16)))
@@ -58,12 +58,12 @@ def test_error_within_one_percent_of_exact_svd(pairs, tmp_path):
 @pytest.mark.slow
 def test_ranks_follow_policy_and_conv_policy(pairs, tmp_path):
     base, tuned = pairs("sd15")
-    report = extract_lora(base, tuned, 4, min_dim=1, max_dim=None, conv_dim=2, save_path=tmp_path / "a.safetensors")
+    report = extract_lora(base, tuned, 4, min_rank=1, max_rank=None, conv_rank=2, save_path=tmp_path / "a.safetensors")
     by_name = {r.module: r for r in report.rows}
     assert by_name["lora_unet_down_blocks_0_resnets_0_conv1"].rank == 2  # 3×3 conv
     assert by_name["lora_unet_down_blocks_0_resnets_0_time_emb_proj"].rank == 4  # linear in a resnet
     assert by_name["lora_unet_down_blocks_0_attentions_0_proj_in"].rank == 4  # 1×1 conv
-    report = extract_lora(base, tuned, 4, min_dim=1, max_dim=None, conv=False, save_path=tmp_path / "b.safetensors")
+    report = extract_lora(base, tuned, 4, min_rank=1, max_rank=None, conv=False, save_path=tmp_path / "b.safetensors")
     assert report.totals["modules"] == 72 + 192
     lora = read_lora(tmp_path / "a.safetensors")
     assert lora.modules["lora_unet_down_blocks_0_resnets_0_conv1"].down.shape[1:] == (20, 3, 3)

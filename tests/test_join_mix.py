@@ -110,7 +110,7 @@ def test_diag_all_ones_equals_the_sum_and_keep_zero_keeps_rank(tmp_path, sources
     join_loras(sources, joined, [1.0, 0.5, 2.0], dtype=F32)
     bake_diag(joined, "disney=1,krk=1,kron=1", tmp_path / "ones.safetensors")
     assert_close(deltas(tmp_path / "ones.safetensors"), deltas(joined))
-    bake_diag(joined, "krk=0", tmp_path / "kept.safetensors", drop_zero=False)
+    bake_diag(joined, "krk=0", tmp_path / "kept.safetensors", keep_zero=True)
     kept, full = read_lora(tmp_path / "kept.safetensors"), read_lora(joined)
     assert all(kept.modules[n].rank == full.modules[n].rank for n in full.modules)
     with safetensors.safe_open(tmp_path / "kept.safetensors", "pt") as f:
@@ -186,7 +186,7 @@ def test_cli_join_diag_mix(tmp_path, sources, capsys):
     capsys.readouterr()
     assert main(["mix", *map(str, sources), "--rank", "fro=0.9,max=8", "-o", str(m), "--quiet", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["totals"]["rank_policy"] == "fro=0.9,max=8"
+    assert report["totals"]["policy"] == "fro=0.9,max=8"
     with safetensors.safe_open(d, "pt") as f:
         assert join_info_from_metadata(f.metadata()).names == ("a", "c")
     assert main(["diag", str(j), "zzz=0", "-o", str(tmp_path / "x.safetensors"), "--quiet"]) == 2

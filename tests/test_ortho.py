@@ -246,7 +246,7 @@ def test_global_lambda_matches_dense_svd_over_the_file(tmp_path):
 def test_rank_policy_compression_matches_factor_svd(tmp_path):
     tgts = sample_targets(ARCH)
     paths = random_loras(tmp_path, 3, tgts)
-    report = ortho_lora(paths, tmp_path / "o", directions=1, residuals=False, policy=RankPolicy("fixed", 3), dtype=F32)
+    report = ortho_lora(paths, tmp_path / "o", directions=1, residuals=False, rank=RankPolicy("fixed", 3), dtype=F32)
     shared = read_lora(outputs(report)["ortho_shared"])
     forms = [read_lora(p).lowranks() for p in paths]
     rows = {r.module: r for r in report.rows}

@@ -21,6 +21,7 @@ from lib_ortholora.fileio import SafetensorsFile, open_tensors
 from lib_ortholora.lorafile import read_lora
 from lib_ortholora.lowrank import LowRank
 from lib_ortholora.normcache import BaseCheckpoint, default_cache_dir, spectral_norm
+from lib_ortholora.outputs import OutputExists
 from lib_ortholora.resize import Factored, factor, output_path, resize, resize_files, subspace_scale
 from lib_ortholora.scores import keep_budget, log_scores, parse_recipe, parse_recipes
 
@@ -308,7 +309,7 @@ def test_norm_cache_is_used_and_invalidated(pairs, tmp_path, monkeypatch):
     shutil.copy(ckpt, copy)
     for again in (run(), run(copy)):  # same content, any path: from the cache
         assert again.totals["base_norms"] == "all from cache"
-        assert again.totals["outputs"] == 1
+        assert len(again.outputs) == 1
     monkeypatch.undo()
 
     target = tiny_targets("sd15")[5]
@@ -482,7 +483,7 @@ def test_full_rank_reproduces_the_delta(tmp_path):
     lora = _lora(tmp_path, rank=6)
     loha = save(tmp_path / "loha.safetensors", loha_tensors(tiny_targets("sd15")[:40], rank=3))
     rep = resize_files([lora, loha], tmp_path / "out", "rank=1000:spn_lora=1,thr=-12", dtype=torch.float32)
-    assert rep.totals["outputs"] == 4 and not rep.warnings
+    assert len(rep.outputs) == 4 and not rep.warnings
     for src in (lora, loha):
         before = read_lora(src).modules
         for out in (output_path(tmp_path / "out", src.stem, parse_recipe(r)) for r in ("rank=1000", "spn_lora=1,thr=-12")):
@@ -546,13 +547,16 @@ def test_base_scores_select_what_their_definition_says(pairs, tmp_path):
 
 
 @pytest.mark.slow
-def test_batch_reports_a_corrupt_file_and_does_the_rest(tmp_path):
+def test_batch_with_a_corrupt_file_writes_nothing(tmp_path):
+    """All or nothing: the error names the corrupt file; the outputs of the good file done before
+    it are not published (nor is the folder the run made kept)."""
     good1, good2 = _lora(tmp_path, name="a"), _lora(tmp_path, name="c", seed=1)
     bad = tmp_path / "b.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
-    rep = resize_files([good1, bad, good2], tmp_path / "out", "rank=2:sv_fro=0.9")
-    assert rep.totals["failed"] == 1 and rep.totals["outputs"] == 4
-    assert any("b.safetensors" in w for w in rep.warnings)
+    with pytest.raises(OrthoLoraError, match=r"/b\.safetensors: "):
+        resize_files([good1, bad, good2], tmp_path / "out", "rank=2:sv_fro=0.9")
+    assert not (tmp_path / "out").exists()
+    rep = resize_files([good1, good2], tmp_path / "out", "rank=2:sv_fro=0.9")
     assert sorted(Path(p).name for p in rep.outputs) == ["a_rank2.safetensors", "a_svfro0.9.safetensors",
                                                          "c_rank2.safetensors", "c_svfro0.9.safetensors"]
 
@@ -562,9 +566,9 @@ def test_outputs_are_never_overwritten_without_overwrite(tmp_path):
     resize_files([lora], tmp_path / "out", "rank=2")
     target = tmp_path / "out" / "lora_rank2.safetensors"
     before = target.read_bytes()
-    again = resize_files([lora], tmp_path / "out", "rank=3:rank=2")
-    assert [Path(p).name for p in again.outputs] == ["lora_rank3.safetensors"]
-    assert any("exists" in w for w in again.warnings) and target.read_bytes() == before
+    with pytest.raises(OutputExists, match="lora_rank2.safetensors: exists"):
+        resize_files([lora], tmp_path / "out", "rank=3:rank=2")
+    assert sorted(os.listdir(tmp_path / "out")) == ["lora_rank2.safetensors"] and target.read_bytes() == before
     replaced = resize_files([_lora(tmp_path, seed=9)], tmp_path / "out", "rank=2", overwrite=True)
     assert replaced.outputs == [str(target)] and target.read_bytes() != before
 
@@ -591,6 +595,7 @@ def test_cli(pairs, tmp_path, capsys):
     assert main(["resize", str(lora), "--ckpt", str(base), "-o", str(out), "-r", "fro_ckpt=1,thr=-2", *cache]) == 0
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"junk")
+    capsys.readouterr()
     assert main(["resize", str(bad), str(lora), "-o", str(out), "-r", "rank=1", "--quiet"]) == 2
-    assert (out / "lora_rank1.safetensors").exists()
-    assert "1 of 2 LoRA files failed" in capsys.readouterr().err
+    assert not (out / "lora_rank1.safetensors").exists()
+    assert capsys.readouterr().err.startswith(f"error: {bad}: ")

@@ -133,7 +133,7 @@ def test_folders_resolve_only_listed_files(cfg, models):
 
 
 def test_extract_writes_into_the_lora_folder_with_table_and_plots(cfg, models):
-    o = tab_extract.run(cfg, BASE, TUNED, "ui_extract", dim="8", no_conv=True)
+    o = tab_extract.run(cfg, BASE, TUNED, "ui_extract", rank="8", no_conv=True)
     assert o.ok, o.status
     out = models / "Lora" / "ui_extract.safetensors"
     assert out.is_file() and cfg.written == [out]
@@ -160,7 +160,7 @@ def test_status_gives_one_timing():
 def test_escaping_output_names_are_refused(cfg, models):
     before_root, before_lora = _files(models), _files(models / "Lora")
     for name in ("../x", "../../x", "/tmp/ortholora-x", "sub/x", ".."):
-        o = tab_extract.run(cfg, BASE, TUNED, name, dim="8")
+        o = tab_extract.run(cfg, BASE, TUNED, name, rank="8")
         assert not o.ok
         assert "Error" in o.status and "Traceback" not in o.status
     assert _files(models) == before_root and _files(models / "Lora") == before_lora
@@ -170,10 +170,10 @@ def test_escaping_output_names_are_refused(cfg, models):
 def test_no_overwrite_without_the_checkbox(cfg, models):
     target = models / "Lora" / "demo_style.safetensors"
     before = target.read_bytes()
-    o = tab_extract.run(cfg, BASE, TUNED, "demo_style", dim="4", no_conv=True)
+    o = tab_extract.run(cfg, BASE, TUNED, "demo_style", rank="4", no_conv=True)
     assert not o.ok and "Overwrite existing files" in o.status
     assert target.read_bytes() == before
-    o = tab_extract.run(cfg, BASE, TUNED, "demo_style", dim="4", no_conv=True, overwrite=True)
+    o = tab_extract.run(cfg, BASE, TUNED, "demo_style", rank="4", no_conv=True, overwrite=True)
     assert o.ok, o.status
     assert target.read_bytes() != before
     assert read_lora(target).modules[o.module].rank == 4
@@ -278,7 +278,7 @@ def test_resize_with_recipes(cfg, models, monkeypatch, tmp_path):
 def test_errors_are_one_clear_line(cfg):
     o = tab_inspect.run(cfg, "missing.safetensors")
     assert not o.ok and "no LoRA named" in o.status and "\n" not in o.status
-    o = tab_extract.run(cfg, BASE, BASE, "same", dim="8")
+    o = tab_extract.run(cfg, BASE, BASE, "same", rank="8")
     assert not o.ok and "same file" in o.status
 
     def boom(progress):
@@ -319,7 +319,7 @@ def test_stop_leaves_no_partial_file(cfg, models):
         flag.set()
 
     before = _files(models / "Lora")
-    o = tab_extract.run(cfg, BASE, TUNED, "stopped", dim="8", ui_progress=ui, cancel=flag)
+    o = tab_extract.run(cfg, BASE, TUNED, "stopped", rank="8", ui_progress=ui, cancel=flag)
     assert not o.ok and "Cancelled" in o.status
     assert _files(models / "Lora") == before  # no output, no temp file
     o = tab_merge.run(cfg, BASE, ["demo_style.safetensors"], "1", "keep", "stopped_ckpt", ui_progress=None,

@@ -3,7 +3,8 @@
 Each module of this package is one benchmark with
   `prepare(workdir: Path, arch: str, full: bool) -> dict`   (build inputs; not measured), and
   `measure(workdir: Path, arch: str, prepared: dict) -> dict` (the measured work; returns figures).
-`measure` runs in a fresh child process so that its peak RSS is its own.
+`measure` runs in a fresh child process so that its peak RSS is its own. Both write into a work
+folder that is new, empty or made by an earlier benchmark run (see `work_folder`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import time
 from importlib import import_module
 from pathlib import Path
 
+from ..errors import OrthoLoraError
+
+MARKER = ".ortholora-bench"  # in every work folder a benchmark made: its files are ours to replace
 NAMES = tuple(m.name for m in pkgutil.iter_modules(__path__))
 
 
@@ -61,10 +65,27 @@ def _measure(name: str, workdir: str, arch: str, prepared: dict) -> dict:
     return import_module(f"{__name__}.{name}").measure(Path(workdir), arch, prepared)
 
 
-def run(name: str, arch: str, workdir: Path, full: bool = True) -> dict:
+def work_folder(path: Path, overwrite: bool = False) -> Path:
+    """`path` made ready for benchmarks, which reuse their inputs there and replace their outputs:
+    a new or empty folder, or one an earlier run made (it holds MARKER); any other only with
+    `overwrite`, since files of the benchmarks' names would be replaced."""
+    if path.exists() and not path.is_dir():
+        raise OrthoLoraError("is not a folder", path)
+    if path.is_dir() and not (path / MARKER).exists() and any(path.iterdir()) and not overwrite:
+        raise OrthoLoraError("holds files and was not made by a benchmark, which could replace some of them; "
+                             "choose a new or empty folder, or pass --overwrite", path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / MARKER).touch()
+    except OSError as err:
+        raise OrthoLoraError(f"cannot use as the work folder: {err.strerror or err}", path) from err
+    return path
+
+
+def run(name: str, arch: str, workdir: Path, full: bool = True, overwrite: bool = False) -> dict:
     """Prepare inputs in this process, then measure in a child process; returns the figures."""
     if name not in NAMES:
-        raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")
-    workdir.mkdir(parents=True, exist_ok=True)
+        raise OrthoLoraError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")
+    work_folder(workdir, overwrite)
     prepared = import_module(f"{__name__}.{name}").prepare(workdir, arch, full)
     return {"benchmark": name, "arch": arch, "full": full, **in_child(_measure, name, str(workdir), arch, prepared)}

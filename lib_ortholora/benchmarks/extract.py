@@ -48,7 +48,7 @@ def _accuracy(prepared: dict) -> dict:
 
 def measure(workdir: Path, arch: str, prepared: dict) -> dict:
     torch.manual_seed(0)
-    report = extract_lora(prepared["base"], prepared["tuned"], dim=RANK, min_dim=1, max_dim=None,
+    report = extract_lora(prepared["base"], prepared["tuned"], RANK, min_rank=1, max_rank=None,
                           save_path=prepared["out"], conv=False, overwrite=True)
     figures = {k: report.totals[k] for k in ("modules", "skipped", "mean_rel_error", "seconds", "output_mb")}
     figures["extract_seconds"] = figures.pop("seconds")

@@ -65,11 +65,9 @@ def prepare(workdir: Path, arch: str, full: bool) -> dict:
 
 def _resize(lora: str, out: str, recipes: str, base: str | None, cache: str) -> dict:
     report = resize_files([lora], out, recipes, base, cache_dir=cache, overwrite=True)
-    if report.totals["failed"]:
-        raise RuntimeError("; ".join(report.warnings))
-    keep = ("norms_s", "decompose_s", "output_s", "base_norms")
-    return {**{k: report.totals[k] for k in keep if k in report.totals},
-            "outputs": {Path(p).name: report.totals[Path(p).name] for p in report.outputs}}
+    return {**{f"{phase}_s": s for phase, s in report.totals["phase_seconds"].items()},
+            **{k: report.totals[k] for k in ("base_norms",) if k in report.totals},
+            "outputs": {Path(o["file"]).name: o for o in report.data["outputs"]}}
 
 
 def _kohya_comparison(lora: str, out: str) -> dict:

@@ -5,7 +5,9 @@ import tempfile
 from pathlib import Path
 
 from .. import benchmarks
+from ..errors import OrthoLoraError
 from ..report import Report, Row
+from . import common
 
 
 def add(sub) -> None:
@@ -13,16 +15,20 @@ def add(sub) -> None:
     p.add_argument("name", choices=benchmarks.NAMES)
     p.add_argument("--arch", choices=("sd15", "sd2", "sdxl"), default="sd15")
     p.add_argument("--small", action="store_true", help="tiny widths (a smoke run, not a benchmark)")
-    p.add_argument("--workdir", help="keep inputs here (reused between runs); default: a temp folder")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--workdir", help="keep inputs here (reused between runs): a new or empty folder, or one an "
+                                     "earlier benchmark made (others need --overwrite); default: a temp folder")
+    common(p)
 
 
 def run(args) -> Report:
     if args.workdir:
-        figures = benchmarks.run(args.name, args.arch, Path(args.workdir), full=not args.small)
+        figures = benchmarks.run(args.name, args.arch, Path(args.workdir), full=not args.small,
+                                 overwrite=args.overwrite)
     else:
         with tempfile.TemporaryDirectory(prefix="ortholora-bench-") as tmp:
             figures = benchmarks.run(args.name, args.arch, Path(tmp), full=not args.small)
+    if "error" in figures:
+        raise OrthoLoraError(f"benchmark {args.name} ({args.arch}) failed: {figures['error']}")
     report = Report("bench", totals=figures)
-    report.add(Row(f"{args.name} {args.arch}", "error" if "error" in figures else "ok", note=figures.get("error", "")))
+    report.add(Row(f"{args.name} {args.arch}"))
     return report

@@ -4,7 +4,7 @@ from __future__ import annotations
 import tempfile
 
 from ..demo import run_demo
-from . import bar, common
+from . import common
 
 
 def add(sub) -> None:
@@ -16,8 +16,8 @@ def add(sub) -> None:
 
 def run(args):
     if args.out:
-        return run_demo(args.out, args.arch, args.overwrite, bar(args, "demo"))
+        return run_demo(args.out, args.arch, args.overwrite, args.progress)
     with tempfile.TemporaryDirectory(prefix="ortholora-demo-") as tmp:
-        report = run_demo(tmp, args.arch, True, bar(args, "demo"))
+        report = run_demo(tmp, args.arch, progress=args.progress)
         report.outputs = [p + " (temporary; pass -o DIR to keep it)" for p in report.outputs]
         return report

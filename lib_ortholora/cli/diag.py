@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..join import bake_diag
-from . import DTYPES, bar, common
+from . import DTYPES, common
 
 
 def add(sub) -> None:
@@ -18,6 +18,6 @@ def add(sub) -> None:
 
 
 def run(args):
-    return bake_diag(args.lora, args.spec, args.out, drop_zero=not args.keep_zero,
+    return bake_diag(args.lora, args.spec, args.out, keep_zero=args.keep_zero,
                      dtype=DTYPES[args.dtype] if args.dtype else None, overwrite=args.overwrite,
-                     progress=bar(args, "diag"))
+                     progress=args.progress)

@@ -122,23 +122,21 @@ class Folders:
         except ValueError:
             return None
 
-    # --- outputs
-    def lora_output(self, name: str, overwrite: bool = False) -> Path:
-        return self._output(self.cfg.lora_dir, name, overwrite)
+    # --- outputs (the core claims them: an existing file is refused there unless overwrite)
+    def lora_output(self, name: str) -> Path:
+        return self._output(self.cfg.lora_dir, name)
 
-    def checkpoint_output(self, name: str, overwrite: bool = False) -> Path:
-        return self._output(self.cfg.ckpt_out_dir, name, overwrite)
+    def checkpoint_output(self, name: str) -> Path:
+        return self._output(self.cfg.ckpt_out_dir, name)
 
     def lora_prefix(self, prefix: str) -> str:
         """A name prefix for several outputs (ortho); the same rules as one output name."""
         return safe_output_path(self.cfg.lora_dir, prefix, suffix="").name
 
     @staticmethod
-    def _output(folder: Path, name: str, overwrite: bool) -> Path:
+    def _output(folder: Path, name: str) -> Path:
         if not isinstance(name, str):
             raise OrthoLoraError("output name must be text")
         path = safe_output_path(folder, name)
-        if not overwrite and os.path.lexists(path):
-            raise OrthoLoraError(f"exists; {OVERWRITE_HINT}", path)
         folder.mkdir(parents=True, exist_ok=True)
         return path

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..arch import ARCHS
 from ..diag import join_info_from_metadata
 from ..errors import OrthoLoraError
 from ..lorafile import read_lora
@@ -16,7 +17,7 @@ from .runner import Outcome, execute
 from .widgets import Results, output_row, run_buttons
 
 OP, TITLE = "inspect", "Inspect"
-ARCH_CHOICES = ("auto", *ops.ARCHS)
+ARCH_CHOICES = ("auto", *ARCHS)
 
 
 def joined_sources(path: Path) -> list[dict] | None:
