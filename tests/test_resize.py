@@ -427,7 +427,7 @@ def test_fp8_base_checkpoint(pairs, tmp_path, dtype):
             pytest.approx(_exact(tensors[t.ckpt_key].float()), rel=1e-5)
     rep = resize_files([_lora(tmp_path)], tmp_path / "out", "spn_ckpt=1,thr=-2:subspace=1,thr=0", ckpt,
                        cache_dir=tmp_path / "cache")
-    assert rep.totals["outputs"] == 2 and not rep.warnings
+    assert len(rep.outputs) == 2 and not rep.warnings
 
 
 def test_parallel_map_keeps_order_and_draws_few_items_ahead():
