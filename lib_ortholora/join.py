@@ -25,7 +25,7 @@ from .diag import (META_KEY, DiagSpec, JoinInfo, JoinSource, apply_diag_to_up, d
 from .errors import OrthoLoraError
 from .fileio import open_tensors
 from .lorafile import LoraFile, read_lora, write_lora
-from .lowrank import LowRank, balanced
+from .lowrank import LowRank, balanced, concat
 from .modules import NetworkModule
 from .progress import Progress
 from .report import Report, Row, Status
@@ -48,25 +48,10 @@ def exact_lowrank(module: NetworkModule) -> LowRank:
     lr = module.lowrank()
     if lr is not None and lr.rank <= full:
         return LowRank(lr.up, lr.down, lr.scale, shape)
-    u, s, vh = factor_svd(lr) if lr is not None else exact_svd(module.delta().reshape(shape[0], -1))
+    if lr is not None:
+        return factor_svd(LowRank(lr.up, lr.down, lr.scale, shape)).truncated(slice(0, full))
+    u, s, vh = exact_svd(module.delta().reshape(shape[0], -1))
     return balanced(u[:, :full], s[:full], vh[:full], shape)
-
-
-def join_lowranks(parts: Sequence[LowRank | None], ratios: Sequence[float]) -> tuple[LowRank, list[int]]:
-    """One LowRank (scale 1) equal to Σ ratio_i·part_i, each source's √|c_i| kept in its own slice;
-    also the per-source ranks (0 for a missing part)."""
-    present = [(p, r) for p, r in zip(parts, ratios) if p is not None]
-    shape = present[0][0].shape
-    ups, downs = [], []
-    for p, ratio in present:
-        if math.prod(p.shape) != math.prod(shape) or p.shape[0] != shape[0]:
-            raise OrthoLoraError(f"sources disagree on a layer's shape: {p.shape} vs {shape}")
-        c = ratio * p.scale
-        root = math.sqrt(abs(c))
-        ups.append(p.up.float() * math.copysign(root, c))
-        downs.append(p.down.float().reshape(p.rank, -1) * root)
-    ranks = [p.rank if p is not None else 0 for p in parts]
-    return LowRank(torch.cat(ups, dim=1), torch.cat(downs, dim=0), 1.0, shape), ranks
 
 
 def join(sources: Sequence[Mapping[str, LowRank]], ratios: Sequence[float], progress: Progress | None = None
@@ -77,7 +62,9 @@ def join(sources: Sequence[Mapping[str, LowRank]], ratios: Sequence[float], prog
     for i, name in enumerate(names):
         if progress:
             progress(i + 1, len(names), name)
-        out[name], ranks[name] = join_lowranks([s.get(name) for s in sources], ratios)
+        parts = [s.get(name) for s in sources]
+        out[name], _ = concat(parts, ratios)
+        ranks[name] = [p.rank if p is not None else 0 for p in parts]
     return out, ranks
 
 

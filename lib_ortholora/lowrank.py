@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
+
+from .errors import OrthoLoraError
 
 
 @dataclass
@@ -61,11 +64,29 @@ def balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, shape: tuple[in
     return LowRank(u * root, root[:, None] * vh, 1.0, shape)
 
 
-def concat(parts: list[LowRank]) -> LowRank:
-    """Exact sum Σ dW_i as one LowRank: up = [c_1·up_1 | …], down = [down_1; …], scale 1."""
-    shape = parts[0].shape
-    ups = [p.up.float() * p.scale for p in parts]
-    return LowRank(torch.cat(ups, dim=1), torch.cat([p.down.float() for p in parts], dim=0), 1.0, shape)
+def concat(parts: Sequence[LowRank | None], weights: Sequence[float] | None = None,
+           dtype: torch.dtype = torch.float32) -> tuple[LowRank, torch.Tensor]:
+    """The exact sum Σ_k w_k·dW_k (w_k = 1 unless given; None adds nothing) as one LowRank of scale 1
+    and rank Σ r_k, in `dtype`: with c_k = w_k·scale_k,
+        up = [sign(c_1)·√|c_1|·up_1 | sign(c_2)·√|c_2|·up_2 | …],   down = [√|c_1|·down_1; √|c_2|·down_2; …]
+    (never adding factors, which would create cross terms), each part inside its own columns/rows;
+    and owner [Σ r_k], the index k of the part each rank column comes from. The present parts must
+    agree on the layer (out rows, in·k·k columns)."""
+    weights = [1.0] * len(parts) if weights is None else list(weights)
+    present = [(k, p) for k, p in enumerate(parts) if p is not None]
+    if not present:
+        raise OrthoLoraError("no part to concatenate")
+    shape = present[0][1].shape
+    ups, downs = [], []
+    for k, p in present:
+        if math.prod(p.shape) != math.prod(shape) or p.shape[0] != shape[0]:
+            raise OrthoLoraError(f"sources disagree on a layer's shape: {p.shape} vs {shape}")
+        c = weights[k] * p.scale
+        root = math.sqrt(abs(c))
+        ups.append(p.up.to(dtype).reshape(shape[0], -1) * math.copysign(root, c))
+        downs.append(p.down.to(dtype).reshape(p.rank, -1) * root)
+    owner = torch.cat([torch.full((p.rank,), k, dtype=torch.long) for k, p in present])
+    return LowRank(torch.cat(ups, dim=1), torch.cat(downs, dim=0), 1.0, shape), owner
 
 
 def rel_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
