@@ -4,6 +4,8 @@ from __future__ import annotations
 import datetime
 import json
 import math
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,15 +168,32 @@ def read_lora(path: str | Path, arch: str | None = None) -> LoraFile:
     return LoraFile(path, arch, modules, meta, unknown, stray)
 
 
-def lora_metadata(arch: str, lowranks: dict[str, LowRank], title: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """kohya (`ss_*`) and modelspec metadata for a LoRA written with alpha = rank."""
+def file_alpha(lowranks: Mapping[str, LowRank]) -> int:
+    """The one alpha every module of a written file carries: the most common UNet rank (ties: the
+    smaller), or the most common rank when there is no UNet module; 1 for an empty set.
+
+    Each module's scale is alpha/r (kohya, the webui, ComfyUI, diffusers all read it so) and its
+    factors absorb √(r/alpha) (`LowRank.to_kohya`). One value per file, because diffusers keeps a
+    single alpha per component (its most common) and drops per-module exceptions for UNet attention
+    and CLIP text-encoder layers: with one value there is no exception to drop, and its rank_pattern
+    gives every module its own r. The most common UNet rank also keeps those modules exact in older
+    diffusers (≤ 0.32), which applies UNet factors at scale 1 whenever ranks differ. Its factors
+    grow by at most √(r_max/alpha) and shrink by at least √(r_min/alpha) (fp16: checked in write_lora)."""
+    unet = [lr.rank for name, lr in lowranks.items() if lr.rank and name.startswith("lora_unet_")]
+    counts = Counter(unet or [lr.rank for lr in lowranks.values() if lr.rank])
+    return min(counts, key=lambda r: (-counts[r], r)) if counts else 1
+
+
+def lora_metadata(arch: str, lowranks: Mapping[str, LowRank], title: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """kohya (`ss_*`) and modelspec metadata for a LoRA written with one alpha (`file_alpha`)."""
     ranks = {lr.rank for name, lr in lowranks.items() if len(lr.shape) == 2 or lr.shape[2] == 1}
     conv_ranks = {lr.rank for lr in lowranks.values() if len(lr.shape) == 4 and lr.shape[2] > 1}
     dim = str(ranks.pop()) if len(ranks) == 1 else ("Dynamic" if ranks else "0")
+    alpha = str(file_alpha(lowranks))
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": dim,
-        "ss_network_alpha": dim,
+        "ss_network_alpha": alpha,
         "ss_v2": str(arch == "sd2"),
         "ss_base_model_version": _BASE_VERSION[arch],
         "ss_output_name": title,
@@ -187,20 +206,21 @@ def lora_metadata(arch: str, lowranks: dict[str, LowRank], title: str, extra: di
     }
     if conv_ranks:
         conv = str(conv_ranks.pop()) if len(conv_ranks) == 1 else "Dynamic"
-        meta["ss_network_args"] = json.dumps({"conv_dim": conv, "conv_alpha": conv})
+        meta["ss_network_args"] = json.dumps({"conv_dim": conv, "conv_alpha": alpha})
     meta.update(extra or {})
     return meta
 
 
 def write_lora(path: str | Path, lowranks: dict[str, LowRank], arch: str, dtype: torch.dtype = torch.float16,
                extra_metadata: dict[str, str] | None = None, overwrite: bool = False) -> dict[str, str]:
-    """Write kohya-named LoRA tensors (alpha = rank, balanced factors) atomically; returns metadata."""
+    """Write kohya-named LoRA tensors (one alpha for the file, balanced factors) atomically; returns metadata."""
     path = Path(path)
+    alpha = file_alpha(lowranks)
     tensors: dict[str, torch.Tensor] = {}
     for name, lr in lowranks.items():
         if lr.rank == 0:
             continue
-        tensors.update(lr.to_kohya(name, dtype))
+        tensors.update(lr.to_kohya(name, dtype, alpha))
     if not tensors:
         raise OrthoLoraError("nothing to write: every module was skipped or empty", path)
     for key, t in tensors.items():
