@@ -20,6 +20,7 @@ from .fileio import TensorFile, open_tensors
 from .keys import Target, targets
 from .lorafile import write_lora
 from .lowrank import LowRank, balanced
+from .prediction import detect as detect_prediction
 from .progress import Progress
 from .rank import RankPolicy, as_policy
 from .report import Report, Row
@@ -128,14 +129,15 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, dim: RankPolicy 
                  min_dim: int = 8, max_dim: int | None = 96, save_path: str | Path | None = None, *,
                  conv_dim: RankPolicy | str | float | int | None = None, conv: bool = True,
                  skip: float = 1e-6, device: str = "auto", svd: str = "auto",
-                 dtype: torch.dtype = torch.float16, overwrite: bool = False,
+                 dtype: torch.dtype = torch.float16, overwrite: bool = False, prediction: str | None = None,
                  progress: Progress | None = None) -> Report:
     """Extract a LoRA from checkpoint files and (with `save_path`) write it as a kohya LoRA.
 
     `dim`: a float < 1 is a fraction of full rank (⌈dim·in·k²⌉, clamped to [min_dim, max_dim]);
     an int is a fixed rank; a string is any rank policy (`sv_ratio=20`, `fro=0.9,max=64`, …).
     `conv_dim` is the policy for 3×3 convs (default: same as `dim`); `conv=False` leaves all
-    resnet/sampler layers out.
+    resnet/sampler layers out. `prediction` (`epsilon` / `v`; None or `auto`: detected, see
+    prediction.py) is the tuned model's prediction type, recorded in the metadata.
     """
     start = time.perf_counter()
     policy = as_policy(dim, min_dim, max_dim)
@@ -143,13 +145,18 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, dim: RankPolicy 
     if save_path is not None and Path(save_path).exists() and not overwrite:
         raise OrthoLoraError("exists; pass overwrite to replace it", save_path)
     with open_tensors(base_path) as base, open_tensors(tuned_path) as tuned:
+        found = detect_prediction(_pair_arch(base, tuned)[0], (tuned, base), prediction)
         arch_id, lowranks, report = extract(base, tuned, policy, conv_policy if conv else None,
                                             skip, device, svd, progress)
+    report.totals["prediction"] = found.describe()
+    if not found.sure:
+        report.warnings.append(f"prediction type {found.describe()}; pass prediction='epsilon' or 'v' "
+                               "(CLI --prediction) if that is wrong")
     if save_path is not None:
         meta = {"ortholora_operation": "extract", "ortholora_base": Path(base_path).name,
                 "ortholora_tuned": Path(tuned_path).name, "ortholora_policy": report.totals["policy"],
                 "ortholora_conv_policy": report.totals["conv_policy"]}
-        write_lora(save_path, lowranks, arch_id, dtype, meta, overwrite)
+        write_lora(save_path, lowranks, arch_id, dtype, meta, overwrite, found.type)
         report.outputs.append(str(save_path))
         report.totals["output_mb"] = round(Path(save_path).stat().st_size / 2**20, 2)
     report.totals["seconds"] = round(time.perf_counter() - start, 2)

@@ -23,7 +23,8 @@ from .diag import (META_KEY, DiagSpec, JoinInfo, JoinSource, apply_diag_to_up, d
                    make_join_metadata, parse_diag, safe_source_name)
 from .errors import OrthoLoraError
 from .fileio import open_tensors
-from .lorafile import LoraFile, read_lora, write_lora
+from . import prediction
+from .lorafile import LoraFile, carried_metadata, read_lora, write_lora
 from .lowrank import LowRank, balanced
 from .modules import NetworkModule
 from .progress import Progress
@@ -175,7 +176,7 @@ def join_loras(paths: Sequence[PathLike], save_path: PathLike, ratios: float | S
     for name, lr in joined.items():
         report.add(Row(name, rank=lr.rank, extra={"slices": "+".join(map(str, ranks[name]))}))
     meta = make_join_metadata([(n, p.name, r) for n, p, r in zip(labels, paths, ratios)], ranks)
-    write_lora(save_path, joined, arch, dtype, {META_KEY: meta}, overwrite)
+    write_lora(save_path, joined, arch, dtype, {META_KEY: meta}, overwrite, prediction.of_files(paths))
     report.totals.update({"sources": ", ".join(f"{n}×{r:g}" for n, r in zip(labels, ratios)),
                           "modules": len(joined), "max_rank": max(lr.rank for lr in joined.values())})
     report.outputs.append(str(save_path))
@@ -225,13 +226,14 @@ def bake_diag(lora_path: PathLike, spec: str | DiagSpec, save_path: PathLike, *,
         report.add(Row(name, old_rank=lr.rank, rank=baked.rank, extra={"slices": "+".join(map(str, r))}))
     if not out:
         raise OrthoLoraError(f"diag {spec.text} leaves nothing: every direction is 0", path)
-    extra = {"ortholora_diag": spec.text}
+    extra = {**carried_metadata(lf.metadata, lf.arch), "ortholora_diag": spec.text}
     if META_KEY in lf.metadata:
         used = [i for i in range(len(info.sources)) if any(r[i] for r in ranks.values())]
         extra[META_KEY] = make_join_metadata([info.sources[i] for i in used],
                                              {n: [r[i] for i in used] for n, r in ranks.items()})
         report.totals["sources_kept"] = ", ".join(info.sources[i].name for i in used)
-    write_lora(save_path, out, lf.arch, dtype or _stored_dtype(path), extra, overwrite)
+    write_lora(save_path, out, lf.arch, dtype or _stored_dtype(path), extra, overwrite,
+               prediction.common([lf.metadata]))
     report.totals.update({"diag": spec.text, "modules": len(out), "dropped": report.count("dropped")})
     report.outputs.append(str(save_path))
     return report

@@ -16,6 +16,7 @@ import torch
 
 from .errors import OrthoLoraError
 from .join import PathLike, as_ratios, join_lowranks, read_sources, source_names
+from . import prediction
 from .lorafile import write_lora
 from .lowrank import LowRank, balanced
 from .progress import Progress
@@ -69,7 +70,8 @@ def mix_loras(paths: Sequence[PathLike], save_path: PathLike, rank: int | str | 
     labels = source_names(paths)
     record = {"sources": [{"name": n, "file": p.name, "ratio": r} for n, p, r in zip(labels, paths, ratios)],
               "rank": policy.describe()}
-    write_lora(save_path, kept, arch, dtype, {"ortholora_mix": json.dumps(record)}, overwrite)
+    write_lora(save_path, kept, arch, dtype, {"ortholora_mix": json.dumps(record)}, overwrite,
+               prediction.of_files(paths))
     errors = [r.rel_error for r in report.rows if r.status == "ok"]
     report.totals.update({"sources": ", ".join(f"{n}×{r:g}" for n, r in zip(labels, ratios)),
                           "rank_policy": policy.describe(), "modules": len(kept),

@@ -47,7 +47,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from . import align
+from . import align, prediction
 from .errors import OrthoLoraError
 from .fileio import safe_output_path
 from .keys import name_table
@@ -382,7 +382,8 @@ def ortho_lora(paths: Sequence[str | Path], out_dir: str | Path | None = None, *
         for key, path in targets.items():
             found = outputs.pop(key)
             if found:
-                write_lora(path, found, arch, dtype, _metadata(key, files, sols, opts), overwrite)
+                write_lora(path, found, arch, dtype, _metadata(key, files, sols, opts), overwrite,
+                           prediction.common([f.metadata for f in files]))
                 report.outputs.append(str(path))
             else:
                 report.warnings.append(f"{path.name} was not written: it is zero in every layer")

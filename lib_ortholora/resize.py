@@ -23,8 +23,9 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 
 from .errors import OrthoLoraError
-from .fileio import safe_output_path
-from .lorafile import LoraFile, lora_metadata, read_lora, write_lora
+from .fileio import output_folder, safe_output_path
+from . import prediction
+from .lorafile import LoraFile, carried_metadata, read_lora, write_lora
 from .lowrank import LowRank, balanced
 from .modules import NetworkModule
 from .normcache import BaseCheckpoint, LayerNorms, layer_parallelism, parallel_map
@@ -145,15 +146,6 @@ def resize(factored: Mapping[str, Factored], recipes: Sequence[Recipe], itemsize
 # Files
 
 
-def carried_metadata(meta: Mapping[str, str], arch: str) -> dict[str, str]:
-    """The input's `ss_*` training and `modelspec.*` descriptive metadata that still holds after a
-    resize: nothing lora_metadata recomputes, no ss_network_* (shape), no hashes."""
-    recomputed = set(lora_metadata(arch, {}, ""))
-    return {k: v for k, v in meta.items()
-            if k.startswith(("ss_", "modelspec.")) and "hash" not in k.lower()
-            and not k.startswith("ss_network_") and k not in recomputed}
-
-
 def output_path(out_dir: PathLike, stem: str, recipe: Recipe) -> Path:
     """`<out_dir>/<stem>_<recipe tag>.safetensors`."""
     return safe_output_path(out_dir, f"{stem}_{recipe.tag}")
@@ -247,7 +239,7 @@ def _resize_file(path: Path, recipes: Sequence[Recipe], out_dir: Path, base: Bas
         extra = {**carried, "ortholora_resize_recipe": recipe.text, "ortholora_resize_source": path.name}
         if res.threshold is not None and math.isfinite(res.threshold):
             extra["ortholora_resize_threshold"] = f"{res.threshold:.6g}"
-        write_lora(target, res.lowranks, lf.arch, dtype, extra, overwrite)
+        write_lora(target, res.lowranks, lf.arch, dtype, extra, overwrite, prediction.common([lf.metadata]))
         directions = sum(lr.rank for lr in res.lowranks.values())
         size = sum(lr.rank * (lr.shape[0] + math.prod(lr.shape[1:])) for lr in res.lowranks.values())
         note = f"{len(res.lowranks)} layers, {directions} directions, {size * dtype.itemsize / 2**20:.2f} MiB"
@@ -278,11 +270,7 @@ def resize_files(loras: Sequence[PathLike], out_dir: PathLike, recipes: str | Se
     paths = [Path(p) for p in loras]
     if not paths:
         raise OrthoLoraError("no LoRA file given")
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OrthoLoraError(f"cannot create the output folder: {err.strerror or err}", out) from err
+    out = output_folder(out_dir)
     report = Report("resize")
     times = dict.fromkeys(("norms_s", "decompose_s", "output_s", "files_s"), 0.0) | {"norms_computed": 0}
     failed = 0

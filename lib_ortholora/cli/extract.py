@@ -18,6 +18,9 @@ def add(sub) -> None:
     p.add_argument("--no-conv", action="store_true", help="leave resnet and sampler layers out (no LoCon)")
     p.add_argument("--skip", type=float, default=1e-6, help="skip (and report) layers with max|ΔW| ≤ this")
     p.add_argument("--svd", choices=("auto", "exact", "randomized"), default="auto")
+    p.add_argument("--prediction", choices=("auto", "epsilon", "v"), default="auto",
+                   help="the tuned model's prediction type, recorded in the metadata (auto: from its metadata, "
+                        "a v_pred key, the file name, then SD2's weight statistic)")
     device_arg(p)
     dtype_arg(p)
     common(p)
@@ -27,4 +30,4 @@ def run(args):
     return extract_lora(args.base, args.tuned, parse_policy(args.dim), save_path=args.out,
                         conv_dim=parse_policy(args.conv_dim) if args.conv_dim else None, conv=not args.no_conv,
                         skip=args.skip, device=args.device, svd=args.svd, dtype=DTYPES[args.dtype],
-                        overwrite=args.overwrite, progress=bar(args, "extract"))
+                        overwrite=args.overwrite, prediction=args.prediction, progress=bar(args, "extract"))
