@@ -561,6 +561,16 @@ def save_lora_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
 # Output names
 
 
+def output_folder(folder: PathLike) -> Path:
+    """`folder`, created (with its parents) when missing; an OS refusal becomes one line naming it."""
+    out = Path(folder)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OrthoLoraError(f"cannot create the output folder: {err.strerror or err}", out) from err
+    return out
+
+
 def safe_output_path(folder: PathLike, name: str, suffix: str = ".safetensors") -> Path:
     """``folder/name[suffix]`` for a name typed into a UI; refuse anything that could leave
     ``folder`` or hide the file."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import arch as _arch
-from .fileio import TensorSpec, write_safetensors_streamed
+from .fileio import TensorSpec, output_folder, write_safetensors_streamed
 from .keys import Target, targets
 from .progress import Progress
 
@@ -97,11 +97,12 @@ def write_pair(arch_id: str, out_dir: str | Path, full: bool = False, seed: int 
     """Write `<arch>_base.safetensors` and `<arch>_tuned.safetensors` into `out_dir`.
 
     `full` gives real widths (benchmarks); otherwise every width is divided by 16 (tests, demo).
+    `out_dir` is created when missing.
     """
     shapes = _arch.spec(arch_id, 1 if full else 16, inpaint)
     arch = _arch.Arch(arch_id, inpaint)
     specs = [TensorSpec(k, torch.int64 if k.endswith("position_ids") else dtype, s) for k, s in shapes.items()]
-    out_dir = Path(out_dir)
+    out_dir = output_folder(out_dir)
     paths = out_dir / f"{arch_id}_base.safetensors", out_dir / f"{arch_id}_tuned.safetensors"
     meta = {"ortholora_synthetic": f"{arch_id} seed={seed} full={full}"}
     total, done = 2 * len(specs), 0

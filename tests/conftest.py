@@ -52,3 +52,7 @@ def demo_root(tmp_path_factory):
     """Demo models (sd15 pair; demo_style, demo_other, demo_joined), built once per session."""
     from lib_ortholora.ui.standalone import demo_models
     return demo_models(tmp_path_factory.getbasetemp() / "ortholora-demo-models")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: heavy consumer checks (every operation × architecture)")
