@@ -2,7 +2,8 @@
 
 Per targeted layer: D = W_tuned − W_base (float32, the q/k/v row block for open_clip in_proj),
 skipped (and reported) when max|D| ≤ skip; otherwise the top-r singular triplets of D reshaped to
-[out, in·k·k] give up = U·√S, down = √S·Vᴴ, alpha = r. r follows a rank policy (rank.py); 3×3
+[out, in·k·k] give up = U·√S, down = √S·Vᴴ (scale 1; on disk with the file's one alpha,
+lorafile.file_alpha). r follows a rank policy (rank.py); 3×3
 convs may follow their own policy or be left out.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Exact join of LoRAs along the rank axis, with `ortholora_join` slices metadata (F§5, DESIGN).
 
 Per module, Σ_i c_i·up_i·down_i with c_i = ratio_i·alpha_i/r_i (signed ratios allowed) is written as
-one LoRA of rank Σ r_i and scale 1 (alpha = rank):
+one LoRA of rank Σ r_i and scale 1 (on disk with the file's one alpha, lorafile.file_alpha):
   up = [σ_1·√|c_1|·up_1 | σ_2·√|c_2|·up_2 | …],  down = [√|c_1|·down_1; √|c_2|·down_2; …],  σ_i = sign c_i.
 Each source's factor stays inside its own columns/rows, so dW = up·diag(v)·down toggles sources
 (v = 1 on slice i, 0 elsewhere gives source i alone). Modules present in only some sources have

@@ -9,7 +9,7 @@ a_i = R_dᵀ·y_i
 i.e. U = up·L and Vᴴ = R·down for two small matrices L, R: O((out + in·k²)·r²) for the QRs, r×r
 work in float64, and only kept directions are ever formed. Directions with σ' ≤ 1e-6·σ'_1 (float32
 noise of the factors) count as zero. Kept directions are written balanced (√σ in both factors,
-alpha = new rank); layers with none kept are dropped.
+scale 1; on disk with the file's one alpha, lorafile.file_alpha); layers with none kept are dropped.
 """
 from __future__ import annotations
 

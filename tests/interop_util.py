@@ -5,6 +5,7 @@ on the SD1.5 models. Nothing here reaches the network. See docs/interop-notes.md
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,6 +228,48 @@ def strength_summary(errs: dict[str, float], tol: float) -> str:
     """The weights above `tol`, for an assertion message."""
     bad = sorted((e, k) for k, e in errs.items() if e > tol)
     return f"{len(bad)}/{len(errs)} weights off (worst: {bad[-3:]})"
+
+
+# --------------------------------------------------------------------------------------------
+# Files whose ranks vary from module to module
+
+MODE, EXCEPTIONS = 4, (1, 2, 3, 5, 8)
+
+
+def varying_rank_lowranks(arch: str, seed: int = 0) -> dict:
+    """A LowRank on every target of `arch` (UNet attention, resnets, samplers, every text encoder):
+    rank 4, but every 7th module one of EXCEPTIONS (capped by the layer); scales ≠ 1, ‖dW‖ ≈ 5 % of
+    a base weight. (Few exceptions keep diffusers quick: PEFT matches every module against every
+    rank exception's pattern.)"""
+    from lib_ortholora.arch import Arch, spec
+    from lib_ortholora.keys import targets
+    from lib_ortholora.lowrank import LowRank
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, t in enumerate(targets(Arch(arch), spec(arch, 16), conv=True)):
+        inner = math.prod(t.shape[1:])
+        r = min(EXCEPTIONS[i // 7 % len(EXCEPTIONS)] if i % 7 == 3 else MODE, t.shape[0], inner)
+        up, down = torch.randn(t.shape[0], r, generator=gen), torch.randn(r, inner, generator=gen)
+        lr = LowRank(up, down, 1.0, t.shape)
+        out[t.name] = lr.scaled(0.05 * math.sqrt(t.shape[0]) / lr.norm() * (1 + i % 3))
+    assert_rank_exceptions({n: lr.rank for n, lr in out.items()}, MODE)
+    return out
+
+
+def assert_rank_exceptions(ranks: dict[str, int], alpha: float, everywhere: bool = True) -> None:
+    """The file tests what it should: modules whose rank is not the file's alpha where diffusers
+    used to drop per-module alphas, UNet attention q/k/v/out or a text encoder (transformers 5);
+    `everywhere`: in UNet self- and cross-attention, text-encoder attention and MLP, resnet/sampler
+    convs and every component."""
+    exceptions = [n for n, r in ranks.items() if r != alpha]
+    assert any("_attn1_to_" in n or "_attn2_to_" in n or n.startswith("lora_te") for n in exceptions)
+    if not everywhere:
+        return
+    for kind in ("_attn1_to_", "_attn2_to_", "_self_attn_", "_mlp_fc", "_conv"):
+        assert any(kind in n for n in exceptions), kind
+    for prefix in {n.split("_", 2)[1] for n in ranks}:  # unet, te / te1, te2
+        assert any(n.startswith(f"lora_{prefix}_") for n in exceptions), prefix
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from lib_ortholora.arch import Arch, spec  # noqa: E402
 from lib_ortholora.extract import extract_lora  # noqa: E402
 from lib_ortholora.keys import targets  # noqa: E402
 from lib_ortholora.lorafile import read_lora, write_lora  # noqa: E402
-from lib_ortholora.lowrank import LowRank  # noqa: E402
 
 import interop_util as IU  # noqa: E402
 
@@ -161,30 +160,6 @@ def test_diffusers_loads_a_signed_join(sd15, extracted, expected, tmp_path):
 # --------------------------------------------------------------------------------------------
 # Ranks that vary from module to module, every architecture, text encoders included
 
-MODE, EXCEPTIONS = 4, (1, 2, 3, 5, 8)
-
-
-def varying_rank_lowranks(arch: str, seed: int = 0) -> dict[str, LowRank]:
-    """A LowRank on every target of `arch` (UNet attention, resnets, samplers, every text encoder):
-    rank 4, but every 7th module one of EXCEPTIONS (capped by the layer); scales ≠ 1, ‖dW‖ ≈ 5 % of
-    a base weight. (Few exceptions keep diffusers quick: PEFT matches every module against every
-    rank exception's pattern.)"""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for i, t in enumerate(targets(Arch(arch), spec(arch, 16), conv=True)):
-        inner = math.prod(t.shape[1:])
-        r = min(EXCEPTIONS[i // 7 % len(EXCEPTIONS)] if i % 7 == 3 else MODE, t.shape[0], inner)
-        up, down = torch.randn(t.shape[0], r, generator=gen), torch.randn(r, inner, generator=gen)
-        lr = LowRank(up, down, 1.0, t.shape)
-        out[t.name] = lr.scaled(0.05 * math.sqrt(t.shape[0]) / lr.norm() * (1 + i % 3))
-    exceptions = [n for n, lr in out.items() if lr.rank != MODE]
-    for kind in ("_attn1_to_", "_attn2_to_", "_self_attn_", "_mlp_fc", "_conv"):  # where diffusers slipped
-        assert any(kind in n for n in exceptions), kind
-    for prefix in {n.split("_", 2)[1] for n in out}:  # unet, te / te1, te2
-        assert any(n.startswith(f"lora_{prefix}_") for n in exceptions), prefix
-    return out
-
-
 @pytest.fixture(scope="module", params=["sd15", "sd2", "sdxl"])
 def checker(request):
     return IU.DiffusersCheck(request.param)
@@ -194,7 +169,7 @@ def checker(request):
 def test_varying_ranks_load_at_the_right_strength(checker, tmp_path, dtype):
     """Every module of a file whose ranks vary (UNet attention and text encoders included) is fused
     by diffusers at exactly its own strength (before: ×0.5 … ×0.38 on the alpha exceptions)."""
-    lowranks = varying_rank_lowranks(checker.arch)
+    lowranks = IU.varying_rank_lowranks(checker.arch)
     path = tmp_path / f"{checker.arch}.safetensors"
     write_lora(path, lowranks, checker.arch, dtype)
     errs = checker.errors(path)
@@ -205,6 +180,6 @@ def test_varying_ranks_load_at_the_right_strength(checker, tmp_path, dtype):
 def test_varying_ranks_with_a_multiplier(checker, tmp_path):
     """diffusers' lora_scale multiplies every module of a varying-rank file alike."""
     path = tmp_path / f"{checker.arch}.safetensors"
-    write_lora(path, varying_rank_lowranks(checker.arch, seed=1), checker.arch, torch.float32)
+    write_lora(path, IU.varying_rank_lowranks(checker.arch, seed=1), checker.arch, torch.float32)
     errs = checker.errors(path, scale=-0.75)
     assert max(errs.values()) < TOL[torch.float32], IU.strength_summary(errs, TOL[torch.float32])
