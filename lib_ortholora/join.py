@@ -1,7 +1,7 @@
 """Exact join of LoRAs along the rank axis, with `ortholora_join` slices metadata (docs/formats.md#join).
 
 Per module, Σ_i c_i·up_i·down_i with c_i = ratio_i·alpha_i/r_i (signed ratios allowed) is written as
-one LoRA of rank Σ r_i and scale 1 (alpha = rank):
+one LoRA of rank Σ r_i and scale 1 (on disk with the file's one alpha, lorafile.file_alpha):
   up = [σ_1·√|c_1|·up_1 | σ_2·√|c_2|·up_2 | …],  down = [√|c_1|·down_1; √|c_2|·down_2; …],  σ_i = sign c_i.
 Each source's factor stays inside its own columns/rows, so dW = up·diag(v)·down toggles sources
 (v = 1 on slice i, 0 elsewhere gives source i alone). Modules present in only some sources have
@@ -24,7 +24,8 @@ from .diag import (META_KEY, DiagSpec, JoinInfo, JoinSource, apply_diag_to_up, d
                    make_join_metadata, parse_diag, safe_source_name)
 from .errors import OrthoLoraError
 from .fileio import open_tensors
-from .lorafile import LoraFile, read_lora, write_lora
+from . import prediction
+from .lorafile import LoraFile, carried_metadata, read_lora, write_lora
 from .lowrank import LowRank, balanced
 from .modules import NetworkModule
 from .progress import Progress
@@ -174,7 +175,7 @@ def join_loras(paths: Sequence[PathLike], save_path: PathLike, ratios: float | S
             report.add(Row(name, rank=lr.rank, extra={"slices": "+".join(map(str, ranks[name]))}))
         meta = make_join_metadata([(n, p.name, r) for n, p, r in zip(labels, paths, ratios)], ranks)
         write = run.phase("write", 1)
-        write_lora(save_path, joined, arch, dtype, {META_KEY: meta}, overwrite)
+        write_lora(save_path, joined, arch, dtype, {META_KEY: meta}, overwrite, prediction.of_files(paths))
         write.step(Path(save_path).name)
         report.totals.update({"architecture": Arch(arch).title,
                               "sources": ", ".join(f"{n}×{r:g}" for n, r in zip(labels, ratios)),
@@ -233,7 +234,7 @@ def bake_diag(lora_path: PathLike, spec: str | DiagSpec, save_path: PathLike, *,
             report.add(Row(name, old_rank=lr.rank, rank=baked.rank, extra={"slices": "+".join(map(str, r))}))
         if not out:
             raise OrthoLoraError(f"diag {spec.text} leaves nothing: every direction is 0", path)
-        extra = {"ortholora_diag": spec.text}
+        extra = {**carried_metadata(lf.metadata, lf.arch), "ortholora_diag": spec.text}
         report.totals["architecture"] = Arch(lf.arch).title
         if META_KEY in lf.metadata:
             used = [i for i in range(len(info.sources)) if any(r[i] for r in ranks.values())]
@@ -241,7 +242,8 @@ def bake_diag(lora_path: PathLike, spec: str | DiagSpec, save_path: PathLike, *,
                                                  {n: [r[i] for i in used] for n, r in ranks.items()})
             report.totals["sources_kept"] = ", ".join(info.sources[i].name for i in used)
         write = run.phase("write", 1)
-        write_lora(save_path, out, lf.arch, dtype or _stored_dtype(path), extra, overwrite)
+        write_lora(save_path, out, lf.arch, dtype or _stored_dtype(path), extra, overwrite,
+                   prediction.common([lf.metadata]))
         write.step(Path(save_path).name)
         report.totals.update({"diag": spec.text, "modules": len(out), "dropped": report.count(Status.DROPPED)})
     return run.report

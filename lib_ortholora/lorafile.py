@@ -5,6 +5,8 @@ import datetime
 import json
 import math
 import os
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,11 +20,21 @@ from .keys import guess_arch, name_table, resolve
 from .lowrank import LowRank
 from .modules import NetworkModule, build_module, suffix_of
 
-_BASE_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-_MODELSPEC = {"sd15": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
-              "sdxl": "stable-diffusion-xl-v1-base/lora"}
-_RESOLUTION = {"sd15": "512x512", "sd2": "512x512", "sdxl": "1024x1024"}
-_FROM_METADATA = {"sd_v1": "sd15", "sd_v2": "sd2", "sd_v2_v": "sd2", "sdxl_base_v1-0": "sdxl"}
+# Per (architecture, prediction type): kohya's ss_base_model_version, the ModelSpec architecture id
+# and its default resolution. SD1 and SDXL have no separate ModelSpec id for v-prediction (their
+# modelspec.prediction_type says it); SD2's 768-v models do.
+_VARIANTS = {
+    ("sd15", "epsilon"): ("sd_v1", "stable-diffusion-v1/lora", "512x512"),
+    ("sd15", "v"): ("sd_v1_v", "stable-diffusion-v1/lora", "512x512"),
+    ("sd2", "epsilon"): ("sd_v2", "stable-diffusion-v2-512/lora", "512x512"),
+    ("sd2", "v"): ("sd_v2_v", "stable-diffusion-v2-768-v/lora", "768x768"),
+    ("sdxl", "epsilon"): ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "1024x1024"),
+    ("sdxl", "v"): ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "1024x1024"),
+}
+# modelspec.implementation: the codebase whose names the keys follow, as kohya writes it (our module
+# names are kohya's): SD1/SD2 UNet names are diffusers', SDXL's are Stability's generative-models'.
+_IMPLEMENTATION = {"sd15": "diffusers", "sd2": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
+_FROM_METADATA = {"sd_v1": "sd15", "sd_v1_v": "sd15", "sd_v2": "sd2", "sd_v2_v": "sd2", "sdxl_base_v1-0": "sdxl"}
 
 
 @dataclass
@@ -219,49 +231,86 @@ def read_lora(path: str | bytes | os.PathLike, arch: str | None = None) -> LoraF
     return LoraFile(path, arch, modules, meta, unknown, stray)
 
 
-def lora_metadata(arch: str, lowranks: dict[str, LowRank], title: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """kohya (`ss_*`) and modelspec metadata for a LoRA written with alpha = rank."""
+def file_alpha(lowranks: Mapping[str, LowRank]) -> int:
+    """The one alpha every module of a written file carries: the most common UNet rank (ties: the
+    smaller), or the most common rank when there is no UNet module; 1 for an empty set.
+
+    Each module's scale is alpha/r (kohya, the webui, ComfyUI, diffusers all read it so) and its
+    factors absorb √(r/alpha) (`LowRank.to_kohya`). One value per file, because diffusers keeps a
+    single alpha per component (its most common) and drops per-module exceptions for UNet attention
+    and CLIP text-encoder layers: with one value there is no exception to drop, and its rank_pattern
+    gives every module its own r. The most common UNet rank also keeps those modules exact in older
+    diffusers (≤ 0.32), which applies UNet factors at scale 1 whenever ranks differ. Its factors
+    grow by at most √(r_max/alpha) and shrink by at least √(r_min/alpha) (fp16: checked in write_lora)."""
+    unet = [lr.rank for name, lr in lowranks.items() if lr.rank and name.startswith("lora_unet_")]
+    counts = Counter(unet or [lr.rank for lr in lowranks.values() if lr.rank])
+    return min(counts, key=lambda r: (-counts[r], r)) if counts else 1
+
+
+def lora_metadata(arch: str, lowranks: Mapping[str, LowRank], title: str, extra: dict[str, str] | None = None,
+                  prediction: str | None = None) -> dict[str, str]:
+    """kohya (`ss_*`) and ModelSpec metadata for a LoRA written with one alpha (`file_alpha`).
+    `prediction` (`epsilon` / `v`, None when unknown) picks the variant: SD2 v is 768-v; it is
+    stated as modelspec.prediction_type only when known (unknown reads as the architecture's default)."""
     ranks = {lr.rank for name, lr in lowranks.items() if len(lr.shape) == 2 or lr.shape[2] == 1}
     conv_ranks = {lr.rank for lr in lowranks.values() if len(lr.shape) == 4 and lr.shape[2] > 1}
     dim = str(ranks.pop()) if len(ranks) == 1 else ("Dynamic" if ranks else "0")
+    alpha = str(file_alpha(lowranks))
+    version, spec, resolution = _VARIANTS[(arch, prediction or "epsilon")]
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": dim,
-        "ss_network_alpha": dim,
+        "ss_network_alpha": alpha,
         "ss_v2": str(arch == "sd2"),
-        "ss_base_model_version": _BASE_VERSION[arch],
+        "ss_base_model_version": version,
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": _MODELSPEC[arch],
+        "modelspec.architecture": spec,
+        "modelspec.implementation": _IMPLEMENTATION[arch],
         "modelspec.title": title,
         "modelspec.date": datetime.date.today().isoformat(),
-        "modelspec.resolution": _RESOLUTION[arch],
+        "modelspec.resolution": resolution,
         "ortholora_version": __version__,
     }
+    if prediction:
+        meta["modelspec.prediction_type"] = prediction
     if conv_ranks:
         conv = str(conv_ranks.pop()) if len(conv_ranks) == 1 else "Dynamic"
-        meta["ss_network_args"] = json.dumps({"conv_dim": conv, "conv_alpha": conv})
+        meta["ss_network_args"] = json.dumps({"conv_dim": conv, "conv_alpha": alpha})
     meta.update(extra or {})
     return meta
 
 
 def write_lora(path: str | Path, lowranks: dict[str, LowRank], arch: str, dtype: torch.dtype = torch.float16,
-               extra_metadata: dict[str, str] | None = None, overwrite: bool = False) -> dict[str, str]:
-    """Write kohya-named LoRA tensors (alpha = rank, balanced factors) atomically; returns metadata."""
+               extra_metadata: dict[str, str] | None = None, overwrite: bool = False,
+               prediction: str | None = None) -> dict[str, str]:
+    """Write kohya-named LoRA tensors (one alpha for the file, balanced factors) atomically; returns
+    metadata (`lora_metadata`; `prediction`: the base model's prediction type when known)."""
     path = Path(path)
+    alpha = file_alpha(lowranks)
     tensors: dict[str, torch.Tensor] = {}
     for name, lr in lowranks.items():
         if lr.rank == 0:
             continue
-        tensors.update(lr.to_kohya(name, dtype))
+        tensors.update(lr.to_kohya(name, dtype, alpha))
     if not tensors:
         raise OrthoLoraError("nothing to write: every module was skipped or empty", path)
     for key, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise OrthoLoraError(f"tensor {key} overflows {str(dtype).replace('torch.', '')}; "
                                  "choose a wider output dtype", path)
-    meta = lora_metadata(arch, lowranks, path.stem, extra_metadata)
+    meta = lora_metadata(arch, lowranks, path.stem, extra_metadata, prediction)
     return save_lora_safetensors(path, tensors, meta, overwrite)
+
+
+def carried_metadata(meta: Mapping[str, str], arch: str) -> dict[str, str]:
+    """The input's `ss_*` training and `modelspec.*` descriptive metadata that still holds for an
+    output made from that one input (resize, diag): nothing lora_metadata recomputes (the prediction
+    type is passed on by itself), no ss_network_* (shape), no hashes."""
+    recomputed = set(lora_metadata(arch, {}, "", prediction="v"))
+    return {k: v for k, v in meta.items()
+            if k.startswith(("ss_", "modelspec.")) and "hash" not in k.lower()
+            and not k.startswith("ss_network_") and k not in recomputed}
 
 
 def lora_nbytes(shape: tuple[int, ...], rank: int, itemsize: int) -> int:

@@ -18,6 +18,7 @@ from . import arguments
 from .arch import Arch
 from .errors import OrthoLoraError
 from .join import PathLike, join_lowranks, read_sources, source_names
+from . import prediction
 from .lorafile import write_lora
 from .lowrank import LowRank, balanced
 from .progress import Progress
@@ -76,7 +77,8 @@ def mix_loras(paths: Sequence[PathLike], save_path: PathLike, rank: int | str | 
         record = {"sources": [{"name": n, "file": p.name, "ratio": r} for n, p, r in zip(labels, paths, ratios)],
                   "rank": policy.describe()}
         write = run.phase("write", 1)
-        write_lora(save_path, kept, arch, dtype, {"ortholora_mix": json.dumps(record)}, overwrite)
+        write_lora(save_path, kept, arch, dtype, {"ortholora_mix": json.dumps(record)}, overwrite,
+                   prediction.of_files(paths))
         write.step(Path(save_path).name)
         errors = [r.rel_error for r in report.rows if r.status == Status.OK]
         report.totals.update({"architecture": Arch(arch).title,

@@ -46,7 +46,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from . import align, arguments
+from . import align, arguments, prediction
 from .arch import Arch
 from .errors import OrthoLoraError
 from .keys import name_table
@@ -382,7 +382,8 @@ def _write_outputs(run: Run, targets: dict[tuple[str, int], Path], files: list[L
     for key, path in targets.items():
         found = outputs.pop(key)
         if found:
-            write_lora(path, found, arch, opts.dtype, _metadata(key, files, sols, opts))
+            write_lora(path, found, arch, opts.dtype, _metadata(key, files, sols, opts),
+                       prediction=prediction.common([f.metadata for f in files]))
         else:
             run.not_written(path, "it is zero in every layer")
         write.step(path.name)

@@ -9,7 +9,7 @@ a_i = R_dᵀ·y_i
 i.e. U = up·L and Vᴴ = R·down for two small matrices L, R: O((out + in·k²)·r²) for the QRs, r×r
 work in float64, and only kept directions are ever formed. Directions with σ' ≤ 1e-6·σ'_1 (float32
 noise of the factors) count as zero. Kept directions are written balanced (√σ in both factors,
-alpha = new rank); layers with none kept are dropped.
+scale 1; on disk with the file's one alpha, lorafile.file_alpha); layers with none kept are dropped.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import torch
 from . import arguments
 from .arch import ARCHS, Arch
 from .errors import OrthoLoraError
-from .lorafile import LoraFile, lora_metadata, read_lora, write_lora
+from . import prediction
+from .lorafile import LoraFile, carried_metadata, read_lora, write_lora
 from .lowrank import LowRank, balanced
 from .modules import NetworkModule
 from .normcache import BaseCheckpoint, LayerNorms, layer_parallelism, parallel_map
@@ -146,15 +147,6 @@ def resize(factored: Mapping[str, Factored], recipes: Sequence[Recipe], itemsize
 # Files
 
 
-def carried_metadata(meta: Mapping[str, str], arch: str) -> dict[str, str]:
-    """The input's `ss_*` training and `modelspec.*` descriptive metadata that still holds after a
-    resize: nothing lora_metadata recomputes, no ss_network_* (shape), no hashes."""
-    recomputed = set(lora_metadata(arch, {}, ""))
-    return {k: v for k, v in meta.items()
-            if k.startswith(("ss_", "modelspec.")) and "hash" not in k.lower()
-            and not k.startswith("ss_network_") and k not in recomputed}
-
-
 def output_path(out_dir: PathLike, stem: str, recipe: Recipe) -> Path:
     """`<out_dir>/<stem>_<recipe tag>.safetensors` (the stem of the user's own file, as it is)."""
     return Path(out_dir) / f"{stem}_{recipe.tag}.safetensors"
@@ -235,7 +227,7 @@ def _resize_file(run: Run, path: Path, todo: list[tuple[Recipe, Path]], base: Ba
         extra = {**carried, "ortholora_resize_recipe": recipe.text, "ortholora_resize_source": path.name}
         if res.threshold is not None and math.isfinite(res.threshold):
             extra["ortholora_resize_threshold"] = f"{res.threshold:.6g}"
-        write_lora(target, res.lowranks, lf.arch, dtype, extra)
+        write_lora(target, res.lowranks, lf.arch, dtype, extra, prediction=prediction.common([lf.metadata]))
         size = sum(lr.rank * (lr.shape[0] + math.prod(lr.shape[1:])) for lr in res.lowranks.values())
         report.data.setdefault("outputs", []).append({
             "file": str(target), "lora": path.name, "recipe": recipe.text, "layers": len(res.lowranks),

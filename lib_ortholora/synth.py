@@ -98,6 +98,7 @@ def write_pair(arch_id: str, out_dir: str | Path, full: bool = False, seed: int 
     """Write `<arch>_base.safetensors` and `<arch>_tuned.safetensors` into `out_dir`.
 
     `full` gives real widths (benchmarks); otherwise every width is divided by 16 (tests, demo).
+    `out_dir` is created when missing.
     """
     shapes = _arch.spec(arch_id, 1 if full else 16, inpaint)
     arch = _arch.Arch(arch_id, inpaint)
@@ -117,7 +118,7 @@ def write_pair(arch_id: str, out_dir: str | Path, full: bool = False, seed: int 
         return wrapped
 
     with Outputs() as outputs:  # both or neither, refused before any work
-        outputs.claim(paths, overwrite=overwrite)
+        outputs.claim(paths, overwrite=overwrite, make_folders=True)
         write_safetensors_streamed(paths[0], specs, counted(lambda k: base_tensor(k, shapes[k], seed).to(
             torch.int64 if k.endswith("position_ids") else dtype)), meta, overwrite)
         produce = _tuned_producer(shapes, seed, deltas, targets(arch, shapes, conv=True), dtype)

@@ -495,7 +495,7 @@ def test_full_rank_reproduces_the_delta(tmp_path):
                     assert torch.allclose(after[name].delta(), d, rtol=0, atol=2e-5 * float(d.abs().max()))
 
 
-def test_outputs_are_balanced_with_alpha_equal_to_rank_and_metadata(tmp_path):
+def test_outputs_are_balanced_with_one_alpha_and_metadata(tmp_path):
     meta = {"ss_num_epochs": "7", "ss_training_comment": "hi", "sshs_model_hash": "f" * 64,
             "ss_sd_model_hash": "abc", "ss_network_args": '{"conv_dim": "8"}', "modelspec.author": "me",
             "modelspec.hash_sha256": "0x" + "1" * 64}
@@ -509,7 +509,7 @@ def test_outputs_are_balanced_with_alpha_equal_to_rank_and_metadata(tmp_path):
             if key.endswith(".alpha"):
                 name = key[: -len(".alpha")]
                 down, up = f.get(name + ".lora_down.weight").float(), f.get(name + ".lora_up.weight").float()
-                assert float(f.get(key)) == down.shape[0]
+                assert float(f.get(key)) == float(md["ss_network_alpha"])  # one alpha for the file
                 assert torch.allclose(up.flatten(1).norm(dim=0), down.flatten(1).norm(dim=1), rtol=2e-3)
     assert md["ss_network_dim"] == "Dynamic" and md["ortholora_resize_recipe"] == "sv_ratio=3"
     assert md["ss_num_epochs"] == "7" and md["ss_training_comment"] == "hi" and md["modelspec.author"] == "me"

@@ -53,9 +53,9 @@ def _ratios(value, what: str):
 
 def extract(cfg: UiConfig, *, base: str, tuned: str, out: str, rank: str | int | None = None,
             conv_rank: str | int | None = None, conv: bool = True, skip: float = 1e-6, svd: str = "auto",
-            device: str | None = None, dtype: str | None = None, overwrite: bool = False,
-            progress: Progress | None = None) -> Report:
-    """Base + tuned checkpoint → LoRA in the LoRA folder."""
+            device: str | None = None, dtype: str | None = None, prediction: str = "auto",
+            overwrite: bool = False, progress: Progress | None = None) -> Report:
+    """Base + tuned checkpoint → LoRA in the LoRA folder (`prediction`: epsilon, v, or auto-detected)."""
     from ..extract import extract_lora
 
     f = Folders(cfg)
@@ -66,7 +66,8 @@ def extract(cfg: UiConfig, *, base: str, tuned: str, out: str, rank: str | int |
     return extract_lora(base_path, tuned_path, _policy_text(cfg, rank), save_path=f.lora_output(out),
                         conv_rank=conv_text or None, conv=conv, skip=skip,
                         device=choice(device or cfg.current_defaults().device, DEVICES, "device"),
-                        svd=svd, dtype=_dtype(cfg, dtype), overwrite=overwrite, progress=progress)
+                        svd=svd, dtype=_dtype(cfg, dtype), prediction=prediction, overwrite=overwrite,
+                        progress=progress)
 
 
 def merge(cfg: UiConfig, *, base: str, loras: list[str], out: str, multiplier: float | list[float] | str = 1.0,
