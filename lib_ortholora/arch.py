@@ -11,10 +11,34 @@ from functools import lru_cache
 from typing import Iterator, Mapping
 
 from .errors import OrthoLoraError
+from .shapes import Shape
 
-Shape = tuple[int, ...]
-ARCHS = ("sd15", "sd2", "sdxl")
 UNET = "model.diffusion_model."
+
+
+@dataclass(frozen=True)
+class ArchNames:
+    """What an architecture is called: by us (`title`) and in LoRA metadata (kohya, modelspec)."""
+
+    title: str
+    base_versions: tuple[str, ...]
+    """kohya's `ss_base_model_version` values read as this architecture; the first is written."""
+    modelspec: str
+    """`modelspec.architecture` written into a LoRA."""
+    modelspec_family: str
+    """The prefix of every `modelspec.architecture` value read as this architecture."""
+    resolution: str
+    """`modelspec.resolution` written."""
+
+
+ARCH_NAMES = {
+    "sd15": ArchNames("SD1.x", ("sd_v1",), "stable-diffusion-v1/lora", "stable-diffusion-v1", "512x512"),
+    "sd2": ArchNames("SD2.x", ("sd_v2", "sd_v2_v"), "stable-diffusion-v2-512/lora", "stable-diffusion-v2", "512x512"),
+    "sdxl": ArchNames("SDXL", ("sdxl_base_v1-0",), "stable-diffusion-xl-v1-base/lora", "stable-diffusion-xl",
+                      "1024x1024"),
+}
+"""The one table of architectures: id → names."""
+ARCHS = tuple(ARCH_NAMES)
 
 
 @dataclass(frozen=True)
@@ -26,7 +50,7 @@ class Arch:
 
     @property
     def title(self) -> str:
-        return {"sd15": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}[self.id] + (" inpainting" if self.inpaint else "")
+        return ARCH_NAMES[self.id].title + (" inpainting" if self.inpaint else "")
 
 
 @dataclass(frozen=True)

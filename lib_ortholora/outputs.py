@@ -36,14 +36,13 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import OrthoLoraError
+from .paths import SAFETENSORS, PathLike
 
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-PathLike = str | os.PathLike
-SAFETENSORS = ".safetensors"
 EXISTS = "exists; pass overwrite to replace it"
 _TEMP = re.compile(r"\..*\.ortholora-([0-9a-f]{12})\.tmp")
 _LOCK = re.compile(r"\.ortholora-([0-9a-f]{12})\.lock")

@@ -8,7 +8,7 @@ def add(sub) -> None:
     p = sub.add_parser("ui", help="serve the LoRA Toolbox tab standalone (needs gradio)",
                        description="Serves the webui tab on its own. --models DIR uses the webui layout "
                                    "(DIR/Lora, DIR/Stable-diffusion); without it, tiny synthetic demo models "
-                                   "are built once under ~/.cache/ortholora/demo-models. The HTTP API is served "
+                                   "are built once under $XDG_CACHE_HOME/ortholora/demo-models (default ~/.cache/…). The HTTP API is served "
                                    "under /ortholora/v1 too. Requests must name the server as --host does (with "
                                    "0.0.0.0: any address of this machine; other names with --allow-host), come from "
                                    "the tab's own page or from no page (scripts), and send JSON.")

@@ -44,10 +44,6 @@ class Outcome:
     written: list[Path] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def message(self) -> str:
-        return self.status
-
 
 class CancelRegistry:
     """One cancel flag per (browser session, operation). The lock guards only the dict."""
