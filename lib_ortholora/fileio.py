@@ -23,7 +23,7 @@ import torch
 
 from .dtypes import SAFETENSORS_CODES as _DTYPE_NAMES
 from .dtypes import SAFETENSORS_DTYPES
-from .errors import OrthoLoraError
+from .errors import OrthoLoraError, printable
 from .memory import large_buffers_unmapped_on_free, trim
 from .outputs import atomic_output, write_error
 from .paths import SAFETENSORS, TORCH_SUFFIXES, PathLike
@@ -454,11 +454,13 @@ class TensorSpec:
 
 
 def _check_metadata_out(metadata: Mapping[str, str] | None, target: Path) -> dict[str, str]:
+    """The metadata as valid UTF-8 strings (a non-UTF-8 file name's bytes written `\\xff`, see
+    `errors.printable`); anything but strings is refused."""
     metadata = dict(metadata or {})
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise OrthoLoraError(f"metadata {key!r} must map a string to a string", target)
-    return metadata
+    return {printable(key): printable(value) for key, value in metadata.items()}
 
 
 def _safetensors_header(specs: list[TensorSpec], metadata: dict[str, str], target: Path) -> bytes:

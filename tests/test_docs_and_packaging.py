@@ -1,12 +1,15 @@
 """The repository stands alone and is packaged as documented: every `docs/…md#anchor` that code or
 docs cite exists, nothing points outside the repository, the README keeps one section of each
 kind and CI's test command, metadata.ini orders our scripts after the built-in Lora extension the
-way the webui reads it, and pyproject.toml builds the library with its `ortholora` command."""
+way the webui reads it, pyproject.toml builds the library with its `ortholora` command, and the
+module map in DESIGN.md matches the files."""
 from __future__ import annotations
 
 import configparser
 import importlib
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +104,34 @@ def test_pyproject_builds_the_library_and_the_ortholora_command(pytestconfig):
     assert getattr(importlib.import_module(module), attr) is importlib.import_module("lib_ortholora.cli").main
 
     assert any(m.startswith("slow:") for m in pytestconfig.getini("markers"))
+
+
+def test_the_module_map_lists_every_module_and_nothing_else():
+    """docs/DESIGN.md's module map names each module of lib_ortholora (`name`) and each subpackage
+    (`name/`) once, and nothing that is not there."""
+    text = (ROOT / "docs" / "DESIGN.md").read_text(encoding="utf-8")
+    section = text.split("\n## Module map", 1)[1].split("\n## ", 1)[0]
+    cells = re.findall(r"^\| ([^|]+) \|", section, flags=re.M)
+    listed = [name for cell in cells for name in re.findall(r"`([\w/]+)`", cell)]
+    package = ROOT / "lib_ortholora"
+    present = ({p.stem for p in package.glob("*.py") if p.stem != "__init__"}
+               | {f"{p.name}/" for p in package.iterdir() if (p / "__init__.py").is_file()})
+    assert len(listed) == len(set(listed)), listed
+    assert set(listed) == present, (sorted(set(listed) - present), sorted(present - set(listed)))
+
+
+def test_the_cli_and_the_benchmarks_list_their_modules(capsys, monkeypatch):
+    """COMMANDS and benchmarks.NAMES are explicit lists: each names a module of its package and
+    every module is named; `--help` shows the name the program was started by."""
+    from lib_ortholora import benchmarks, cli
+
+    for package, names in ((cli, cli.COMMANDS), (benchmarks, benchmarks.NAMES)):
+        modules = {p.stem for p in Path(package.__file__).parent.glob("*.py") if p.stem != "__init__"}
+        assert sorted(names) == sorted(modules) and len(names) == len(set(names)), package.__name__
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/ortholora", "--help"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert capsys.readouterr().out.startswith("usage: ortholora ")
+    shown = subprocess.run([sys.executable, "-m", "lib_ortholora", "--help"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: python -m lib_ortholora "), shown

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from ..dtypes import OUTPUT_DTYPES as DTYPES
-from ..errors import OrthoLoraError
+from ..errors import OrthoLoraError, printable
 from ..outputs import OutputExists
 from ..progress import TextBar
 from ..report import Report
@@ -41,7 +41,8 @@ def dtype_arg(p: argparse.ArgumentParser, default: str = "fp16") -> None:
 
 
 def show(report: Report, args: argparse.Namespace) -> None:
-    print(report.to_json() if getattr(args, "json", False) else report.render(max_rows=60))
+    """The report on stdout (a non-UTF-8 file name's bytes shown `\\xff`, as in error lines)."""
+    print(printable(report.to_json() if getattr(args, "json", False) else report.render(max_rows=60)))
 
 
 def parser(prog: str | None = None) -> tuple[argparse.ArgumentParser, dict]:
