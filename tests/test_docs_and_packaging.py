@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import configparser
 import importlib
+import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +138,30 @@ def test_the_cli_and_the_benchmarks_list_their_modules(capsys, monkeypatch):
     shown = subprocess.run([sys.executable, "-m", "lib_ortholora", "--help"], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
     assert shown.returncode == 0 and shown.stdout.startswith("usage: python -m lib_ortholora "), shown
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_tabs_css_and_javascript(tmp_path):
+    """`pip install .` gives the standalone UI the same style.css and javascript/*.js the webui injects
+    from the extension's top level (copied into the wheel at build time: one copy in the repository)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE", "requirements.txt", "style.css"):
+        shutil.copy2(ROOT / name, src / name)
+    for folder in ("lib_ortholora", "javascript"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", ".", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist")],
+                   cwd=src, check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(tmp_path / "site"), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    code = ("import json, lib_ortholora.ui.app as app; "
+            "print(json.dumps([app.__file__, app._asset('style.css'), app._asset('javascript', 'ortholora.js')]))")
+    shown = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    where, css, js = json.loads(shown.stdout.strip().splitlines()[-1])
+    assert Path(where).is_relative_to(tmp_path / "site")
+    assert css == (ROOT / "style.css").read_text(encoding="utf-8") and css
+    assert js == (ROOT / "javascript" / "ortholora.js").read_text(encoding="utf-8") and js
