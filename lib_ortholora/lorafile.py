@@ -117,7 +117,8 @@ def _dry_run(raw: str, group: dict[str, torch.Tensor], kernel: int | None, layer
             if lr is not None:
                 lr = module.lowrank()
                 up, down = as_matrix(lr.up), as_matrix(lr.down)  # up @ down must make the layer's matrix
-                fits = fits and lr.rank > 0 and up.shape[1] == lr.rank and (up.shape[0], down.shape[1]) == matrix_shape(shape)
+                fits = (fits and lr.rank > 0 and up.shape[1] == lr.rank
+                        and (up.shape[0], down.shape[1]) == matrix_shape(shape))
             bias = module.bias_delta()
             fits = fits and (bias is None or tuple(bias.shape) == shape[:1])
     except OrthoLoraError as e:

@@ -36,7 +36,8 @@ def _accuracy(prepared: dict) -> dict:
         tgts = [t for t in targets(detect(shapes), shapes, conv=False) if t.name in lora.modules]
         ratios = []
         for t in tgts[:: max(1, len(tgts) // SAMPLE)]:
-            d = as_matrix(rows_of(tuned.get(t.ckpt_key), t.rows).float() - rows_of(base.get(t.ckpt_key), t.rows).float())
+            w0, w1 = rows_of(base.get(t.ckpt_key), t.rows), rows_of(tuned.get(t.ckpt_key), t.rows)
+            d = as_matrix(w1.float() - w0.float())
             u, s, vh = exact_svd(d)
             r = lora.modules[t.name].rank
             best = rel_error((u[:, :r] * s[:r]) @ vh[:r], d)

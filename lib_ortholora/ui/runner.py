@@ -80,10 +80,8 @@ class ProgressBridge:
                  interval: float = 0.1):
         self.ui, self.cancel, self.label, self.interval = ui_progress, cancel, label, interval
         self._last = 0.0
-        self.calls = 0
 
     def __call__(self, done: int, total: int, what: str) -> None:
-        self.calls += 1
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled()
         now = time.monotonic()
