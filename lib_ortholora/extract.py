@@ -18,7 +18,7 @@ from . import arch as _arch
 from . import arguments
 from .errors import OrthoLoraError
 from .fileio import TensorFile, check_finite, open_tensors
-from .keys import Target, targets
+from .keys import Target, rows_of, targets
 from .lorafile import write_lora
 from .lowrank import LowRank, balanced
 from .prediction import checked as checked_prediction, detect as detect_prediction
@@ -26,6 +26,7 @@ from .progress import Progress
 from .rank import RankPolicy, as_policy
 from .report import Report, Row, Status
 from .run import Run
+from .shapes import as_matrix
 from .svd import exact_svd, truncated_svd
 
 SVD_METHODS = ("auto", "exact", "randomized")
@@ -33,7 +34,7 @@ SVD_METHODS = ("auto", "exact", "randomized")
 
 def decompose(d: torch.Tensor, shape: tuple[int, ...], policy: RankPolicy, svd: str = "auto") -> tuple[LowRank, float]:
     """Best rank-r approximation of a delta under `policy`; returns it and its relative Frobenius error."""
-    mat = d.reshape(shape[0], -1)
+    mat = as_matrix(d)
     energy = float(mat.double().square().sum())
     if policy.needs_spectrum(shape) or svd == "exact":
         u, s, vh = exact_svd(mat)
@@ -77,8 +78,7 @@ def _layer_delta(t: Target, base: torch.Tensor, tuned: torch.Tensor, files: tupl
                              f"{tuple(base.shape)} in the base", files[1].path)
     for w, f in zip((base, tuned), files):
         check_finite(w, t.ckpt_key, f.path)
-    rows = slice(*t.rows) if t.rows else slice(None)
-    return tuned[rows].to(device, torch.float32) - base[rows].to(device, torch.float32)
+    return rows_of(tuned, t.rows).to(device, torch.float32) - rows_of(base, t.rows).to(device, torch.float32)
 
 
 def extract(base: TensorFile, tuned: TensorFile, policy: RankPolicy, conv_policy: RankPolicy | None,
@@ -140,6 +140,8 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, rank: RankPolicy
     conv = arguments.flag(conv, "conv")
     dev = arguments.device(device)
     prediction = checked_prediction(prediction)
+    base_path, tuned_path = arguments.path(base_path, "base_path"), arguments.path(tuned_path, "tuned_path")
+    save_path = arguments.optional_path(save_path, "save_path")
     with Run("extract", progress) as run:
         if save_path is not None:
             run.claim([save_path], inputs=[base_path, tuned_path], overwrite=overwrite)
@@ -153,10 +155,10 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, rank: RankPolicy
             report.warnings.append(f"prediction type {found.describe()}; pass prediction='epsilon' or 'v' "
                                    "(CLI --prediction) if that is wrong")
         if save_path is not None:
-            meta = {"ortholora_operation": "extract", "ortholora_base": Path(base_path).name,
-                    "ortholora_tuned": Path(tuned_path).name, "ortholora_policy": report.totals["policy"],
+            meta = {"ortholora_operation": "extract", "ortholora_base": base_path.name,
+                    "ortholora_tuned": tuned_path.name, "ortholora_policy": report.totals["policy"],
                     "ortholora_conv_policy": report.totals["conv_policy"]}
             write = run.phase("write", 1)
             write_lora(save_path, lowranks, arch_id, dtype, meta, overwrite, found.type)
-            write.step(Path(save_path).name)
+            write.step(save_path.name)
     return run.report

@@ -13,28 +13,15 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .dtypes import torch_name
 from .errors import OrthoLoraError
-from .arch import detect
+from .arch import ARCH_NAMES, detect
 from .fileio import TensorFile, check_finite, open_tensors, save_lora_safetensors
 from .keys import guess_arch, name_table, resolve
 from .lowrank import LowRank
 from .modules import NetworkModule, build_module, suffix_of
+from .shapes import as_matrix, matrix_shape
 
-# Per (architecture, prediction type): kohya's ss_base_model_version, the ModelSpec architecture id
-# and its default resolution. SD1 and SDXL have no separate ModelSpec id for v-prediction (their
-# modelspec.prediction_type says it); SD2's 768-v models do.
-_VARIANTS = {
-    ("sd15", "epsilon"): ("sd_v1", "stable-diffusion-v1/lora", "512x512"),
-    ("sd15", "v"): ("sd_v1_v", "stable-diffusion-v1/lora", "512x512"),
-    ("sd2", "epsilon"): ("sd_v2", "stable-diffusion-v2-512/lora", "512x512"),
-    ("sd2", "v"): ("sd_v2_v", "stable-diffusion-v2-768-v/lora", "768x768"),
-    ("sdxl", "epsilon"): ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "1024x1024"),
-    ("sdxl", "v"): ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "1024x1024"),
-}
-# modelspec.implementation: the codebase whose names the keys follow, as kohya writes it (our module
-# names are kohya's): SD1/SD2 UNet names are diffusers', SDXL's are Stability's generative-models'.
-_IMPLEMENTATION = {"sd15": "diffusers", "sd2": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
-_FROM_METADATA = {"sd_v1": "sd15", "sd_v1_v": "sd15", "sd_v2": "sd2", "sd_v2_v": "sd2", "sdxl_base_v1-0": "sdxl"}
 
 
 @dataclass
@@ -67,13 +54,11 @@ class LoraFile:
 
 
 def _arch_from_metadata(meta: dict[str, str]) -> str | None:
-    if meta.get("ss_base_model_version") in _FROM_METADATA:
-        return _FROM_METADATA[meta["ss_base_model_version"]]
-    spec = meta.get("modelspec.architecture", "")
-    for prefix, arch_id in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"),
-                            ("stable-diffusion-v1", "sd15")):
-        if spec.startswith(prefix):
-            return arch_id
+    version, spec = meta.get("ss_base_model_version"), meta.get("modelspec.architecture", "")
+    found = ([a for a, names in ARCH_NAMES.items() if version in names.base_versions]
+             or [a for a, names in ARCH_NAMES.items() if spec.startswith(names.modelspec_family)])
+    if found:
+        return found[0]
     return "sd2" if meta.get("ss_v2") == "True" else None
 
 
@@ -99,7 +84,7 @@ def _layer_layout(shape: tuple[int, ...], layer: tuple[int, ...]) -> tuple[int, 
     operations to report."""
     if len(shape) == len(layer) or len(layer) not in (2, 4) or len(shape) not in (2, 4):
         return shape
-    inner = math.prod(shape[1:])
+    inner = matrix_shape(shape)[1]
     if len(layer) == 2:
         return (shape[0], inner) if shape[2:] == (1, 1) else shape
     k = layer[2] * layer[3]
@@ -133,8 +118,9 @@ def _dry_run(raw: str, group: dict[str, torch.Tensor], kernel: int | None, layer
                 fits = fits and tuple(module.delta().shape) == shape
             if lr is not None:
                 lr = module.lowrank()
-                fits = fits and lr.up.reshape(lr.up.shape[0], -1).shape == (shape[0], lr.rank) \
-                    and lr.down.reshape(lr.rank, -1).shape[1] == math.prod(shape[1:]) and lr.rank > 0
+                up, down = as_matrix(lr.up), as_matrix(lr.down)  # up @ down must make the layer's matrix
+                fits = (fits and lr.rank > 0 and up.shape[1] == lr.rank
+                        and (up.shape[0], down.shape[1]) == matrix_shape(shape))
             bias = module.bias_delta()
             fits = fits and (bias is None or tuple(bias.shape) == shape[:1])
     except OrthoLoraError as e:
@@ -256,20 +242,21 @@ def lora_metadata(arch: str, lowranks: Mapping[str, LowRank], title: str, extra:
     conv_ranks = {lr.rank for lr in lowranks.values() if len(lr.shape) == 4 and lr.shape[2] > 1}
     dim = str(ranks.pop()) if len(ranks) == 1 else ("Dynamic" if ranks else "0")
     alpha = str(file_alpha(lowranks))
-    version, spec, resolution = _VARIANTS[(arch, prediction or "epsilon")]
+    names = ARCH_NAMES[arch]
+    variant = names.variant(prediction)
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": dim,
         "ss_network_alpha": alpha,
         "ss_v2": str(arch == "sd2"),
-        "ss_base_model_version": version,
+        "ss_base_model_version": variant.base_version,
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": spec,
-        "modelspec.implementation": _IMPLEMENTATION[arch],
+        "modelspec.architecture": variant.modelspec,
+        "modelspec.implementation": names.implementation,
         "modelspec.title": title,
         "modelspec.date": datetime.date.today().isoformat(),
-        "modelspec.resolution": resolution,
+        "modelspec.resolution": variant.resolution,
         "ortholora_version": __version__,
     }
     if prediction:
@@ -297,10 +284,11 @@ def write_lora(path: str | Path, lowranks: dict[str, LowRank], arch: str, dtype:
         raise OrthoLoraError("nothing to write: every module was skipped or empty", path)
     for key, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise OrthoLoraError(f"tensor {key} overflows {str(dtype).replace('torch.', '')}; "
+            raise OrthoLoraError(f"tensor {key} overflows {torch_name(dtype)}; "
                                  "choose a wider output dtype", path)
     meta = lora_metadata(arch, lowranks, path.stem, extra_metadata, prediction)
     return save_lora_safetensors(path, tensors, meta, overwrite)
+
 
 
 def carried_metadata(meta: Mapping[str, str], arch: str) -> dict[str, str]:
@@ -312,7 +300,3 @@ def carried_metadata(meta: Mapping[str, str], arch: str) -> dict[str, str]:
             if k.startswith(("ss_", "modelspec.")) and "hash" not in k.lower()
             and not k.startswith("ss_network_") and k not in recomputed}
 
-
-def lora_nbytes(shape: tuple[int, ...], rank: int, itemsize: int) -> int:
-    """Bytes that `rank` directions of a layer take on disk (up + down + alpha)."""
-    return (rank * (shape[0] + math.prod(shape[1:]))) * itemsize

@@ -318,7 +318,7 @@ def ortho_lora(paths: Sequence[str | Path], out_dir: str | Path | None = None, *
     (v_1), `{prefix}_direction{p}` for 2 ≤ p ≤ `directions` and, with `residuals`,
     `{stem}_{prefix}_residual` (= input − λ_{·,1}·shared) per input, all or none; `rank`: the rank
     policy of every output (None: exact); see `Options`."""
-    paths = arguments.path_list(paths)
+    paths, out_dir = arguments.path_list(paths), arguments.optional_path(out_dir, "out_dir")
     if len(paths) < 2:
         raise OrthoLoraError(f"orthogonalization needs at least two LoRAs, got {len(paths)}")
     opts = Options(arguments.whole(directions, "directions", 0, len(paths)), arguments.flag(residuals, "residuals"),

@@ -14,27 +14,27 @@ scale 1; on disk with the file's one alpha, lorafile.file_alpha); layers with no
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from . import arguments
+from . import arguments, prediction
 from .arch import ARCHS, Arch
 from .errors import OrthoLoraError
-from . import prediction
 from .lorafile import LoraFile, carried_metadata, read_lora, write_lora
 from .lowrank import LowRank, balanced
 from .modules import NetworkModule
-from .normcache import BaseCheckpoint, LayerNorms, layer_parallelism, parallel_map
+from .normcache import BaseCheckpoint, LayerNorms
+from .paths import PathLike
+from .parallel import layer_parallelism, parallel_map
 from .progress import Progress
 from .report import Report, Row, Status
 from .run import Run
 from .scores import LayerScoring, Recipe, parse_recipes, references, select
+from .shapes import matrix_shape
 
-PathLike = str | os.PathLike
 NULL_RTOL = 1e-12  # on σ'², i.e. σ' ≤ 1e-6·σ'_1
 
 
@@ -228,7 +228,7 @@ def _resize_file(run: Run, path: Path, todo: list[tuple[Recipe, Path]], base: Ba
         if res.threshold is not None and math.isfinite(res.threshold):
             extra["ortholora_resize_threshold"] = f"{res.threshold:.6g}"
         write_lora(target, res.lowranks, lf.arch, dtype, extra, prediction=prediction.common([lf.metadata]))
-        size = sum(lr.rank * (lr.shape[0] + math.prod(lr.shape[1:])) for lr in res.lowranks.values())
+        size = sum(lr.rank * sum(matrix_shape(lr.shape)) for lr in res.lowranks.values())
         report.data.setdefault("outputs", []).append({
             "file": str(target), "lora": path.name, "recipe": recipe.text, "layers": len(res.lowranks),
             "directions": sum(lr.rank for lr in res.lowranks.values()),
@@ -257,6 +257,7 @@ def resize_files(loras: Sequence[PathLike], out_dir: PathLike, recipes: str | Se
     paths = arguments.path_list(loras)
     if not paths:
         raise OrthoLoraError("no LoRA file given")
+    out_dir, ckpt = arguments.path(out_dir, "out_dir"), arguments.optional_path(ckpt, "ckpt")
     if arch is not None:
         arguments.choice(arch, ARCHS, "arch")
     dtype = arguments.output_dtype(dtype)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lib_ortholora.extract import extract_lora
-from lib_ortholora.join import bake_diag, join_loras
+from lib_ortholora.diag import bake_diag
+from lib_ortholora.join import join_loras
 from lib_ortholora.lorafile import read_lora, write_lora
 from lib_ortholora.mix import mix_loras
 from lib_ortholora.ortho import ortho_lora

@@ -10,13 +10,14 @@ import torch
 
 import lorautil as U
 from lib_ortholora.cli import main
-from lib_ortholora.diag import META_KEY, join_info_from_metadata
+from lib_ortholora.diag import apply_diag, bake_diag
 from lib_ortholora.errors import OrthoLoraError
-from lib_ortholora.join import apply_diag, bake_diag, exact_lowrank, join_loras, join_lowranks
-from lib_ortholora.keys import name_table
+from lib_ortholora.join import join_loras, join_lowranks
+from lib_ortholora.joinmeta import META_KEY, join_info_from_metadata
 from lib_ortholora.lorafile import read_lora
 from lib_ortholora.lowrank import LowRank
 from lib_ortholora.mix import mix_loras
+from lib_ortholora.sources import exact_lowrank
 
 F32 = torch.float32
 
@@ -24,8 +25,7 @@ F32 = torch.float32
 def deltas(path) -> dict[str, torch.Tensor]:
     """Every module's dW in its layer's shape (kohya-native names)."""
     lf = read_lora(path)
-    table = name_table(lf.arch)  # the tiny spec's shapes
-    return {n: m.delta().reshape(table[n].shape) for n, m in lf.modules.items()}
+    return {n: m.delta().reshape(m.shape) for n, m in lf.modules.items()}
 
 
 def weighted_sum(parts: list[dict[str, torch.Tensor]], ratios: list[float]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,8 @@ from lib_ortholora.arch import Arch
 from lib_ortholora.cli import main
 from lib_ortholora.extract import extract_lora
 from lib_ortholora.fileio import open_tensors
-from lib_ortholora.join import bake_diag, join_loras
+from lib_ortholora.diag import bake_diag
+from lib_ortholora.join import join_loras
 from lib_ortholora.keys import targets
 from lib_ortholora.lorafile import read_lora, write_lora
 from lib_ortholora.mix import mix_loras
