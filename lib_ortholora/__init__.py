@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _API = {
-    "extract_lora": "extract", "merge_lora": "merge", "join_loras": "join", "bake_diag": "join",
-    "apply_diag": "join", "mix_loras": "mix", "resize_files": "resize", "ortho_lora": "ortho",
+    "extract_lora": "extract", "merge_lora": "merge", "join_loras": "join", "bake_diag": "diag",
+    "apply_diag": "diag", "mix_loras": "mix", "resize_files": "resize", "ortho_lora": "ortho",
     "inspect_lora": "inspect", "read_lora": "lorafile", "write_lora": "lorafile", "parse_diag": "diag",
     "parse_policy": "rank", "RankPolicy": "rank", "parse_recipes": "scores", "Recipe": "scores",
     "LowRank": "lowrank", "Report": "report", "Row": "report", "Status": "report", "Progress": "progress",
@@ -23,11 +23,11 @@ __all__ = sorted(_API)
 
 if TYPE_CHECKING:
     from .demo import run_demo
-    from .diag import parse_diag
+    from .diag import apply_diag, bake_diag, parse_diag
     from .errors import OrthoLoraError
     from .extract import extract_lora
     from .inspect import inspect_lora
-    from .join import apply_diag, bake_diag, join_loras
+    from .join import join_loras
     from .lorafile import read_lora, write_lora
     from .lowrank import LowRank
     from .merge import merge_lora

@@ -9,11 +9,10 @@ from typing import Sequence
 
 import torch
 
+from .dtypes import OUTPUT_DTYPES
 from .errors import OrthoLoraError
 
-OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MAX_RATIO = 1e6  # |ratio| and |multiplier| bound: far beyond any useful weight, far below float32 overflow
-PathLike = str | os.PathLike
 
 
 def choice(value: object, allowed: Sequence[str], what: str) -> str:
@@ -53,12 +52,28 @@ def output_dtype(value: object, what: str = "dtype") -> torch.dtype:
     return value  # type: ignore[return-value]
 
 
+def _is_path(value: object) -> bool:
+    return isinstance(value, (str, bytes, os.PathLike))
+
+
+def path(value: object, what: str = "path") -> Path:
+    """A path given as str, bytes (decoded as `os.fsdecode` does) or os.PathLike."""
+    if not _is_path(value):
+        raise OrthoLoraError(f"{what} must be a path, got {type(value).__name__}")
+    return Path(os.fsdecode(value))  # type: ignore[arg-type]
+
+
+def optional_path(value: object, what: str = "path") -> Path | None:
+    """None, or a path as `path` takes it."""
+    return None if value is None else path(value, what)
+
+
 def path_list(value: object, what: str = "LoRA file") -> list[Path]:
-    """One path or a sequence of paths, as a list of paths."""
-    if isinstance(value, (str, os.PathLike)):
-        return [Path(value)]
-    if isinstance(value, (list, tuple)) and all(isinstance(p, (str, os.PathLike)) for p in value):
-        return [Path(p) for p in value]
+    """One path or a sequence of paths (each as `path` takes it), as a list of paths."""
+    if _is_path(value):
+        return [path(value)]
+    if isinstance(value, (list, tuple)) and all(map(_is_path, value)):
+        return [path(p) for p in value]
     raise OrthoLoraError(f"{what}s must be a path or a list of paths, got {type(value).__name__}")
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import arguments
 from .extract import extract_lora
 from .fileio import open_tensors
-from .keys import targets
+from .keys import rows_of, targets
 from .arch import detect
 from .lorafile import read_lora
 from .lowrank import rel_error
@@ -21,7 +22,7 @@ POLICY = "fraction=0.08,min=8,max=96"
 def run_demo(folder: str | Path, arch: str = "sd15", overwrite: bool = False, progress: Progress | None = None) -> Report:
     """Write a synthetic pair into `folder` (made if missing; an existing pair is reused unless
     `overwrite`), extract `demo_lora.safetensors` from it and verify the round trip."""
-    folder = Path(folder)
+    folder = arguments.path(folder, "folder")
     base, tuned = folder / f"{arch}_base.safetensors", folder / f"{arch}_tuned.safetensors"
     out = folder / "demo_lora.safetensors"
     with Run("demo", progress) as run:
@@ -43,8 +44,7 @@ def roundtrip_error(base: Path, tuned: Path, lora_path: Path) -> float:
         for tg in targets(detect(shapes), shapes):
             if tg.name not in lora.modules:
                 continue
-            rows = slice(*tg.rows) if tg.rows else slice(None)
-            w0, w1 = b.get(tg.ckpt_key)[rows].float(), t.get(tg.ckpt_key)[rows].float()
+            w0, w1 = rows_of(b.get(tg.ckpt_key), tg.rows).float(), rows_of(t.get(tg.ckpt_key), tg.rows).float()
             worst = max(worst, rel_error(w0 + lora.modules[tg.name].delta(), w1) * float(w1.norm())
                         / float((w1 - w0).norm()))
     return worst

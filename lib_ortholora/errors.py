@@ -14,6 +14,15 @@ def printable(text: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
+def quote(text: str, limit: int = 60) -> str:
+    """``repr`` of user input for a one-line message: whitespace runs folded to one space, cut to
+    ``limit`` characters ("..." marks the cut), so a long input never makes a long message."""
+    folded = " ".join(text[: 4 * limit].split())
+    if len(folded) > limit or len(text) > 4 * limit:
+        folded = folded[: limit - 3] + "..."
+    return repr(folded)
+
+
 class OrthoLoraError(Exception):
     """A user-facing failure. ``str(err)`` is one line of valid UTF-8: ``<file>: <problem>`` (or just
     the problem). ``path`` is the file as given (``str``, bytes decoded as ``os.fsdecode`` does)."""

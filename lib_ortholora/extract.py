@@ -2,7 +2,8 @@
 
 Per targeted layer: D = W_tuned − W_base (float32, the q/k/v row block for open_clip in_proj),
 skipped (and reported) when max|D| ≤ skip; otherwise the top-r singular triplets of D reshaped to
-[out, in·k·k] give up = U·√S, down = √S·Vᴴ, alpha = r. r follows a rank policy (rank.py); 3×3
+[out, in·k·k] give up = U·√S, down = √S·Vᴴ (scale 1; on disk with the file's one alpha,
+lorafile.file_alpha). r follows a rank policy (rank.py); 3×3
 convs may follow their own policy or be left out.
 """
 from __future__ import annotations
@@ -17,13 +18,15 @@ from . import arch as _arch
 from . import arguments
 from .errors import OrthoLoraError
 from .fileio import TensorFile, check_finite, open_tensors
-from .keys import Target, targets
+from .keys import Target, rows_of, targets
 from .lorafile import write_lora
 from .lowrank import LowRank, balanced
+from .prediction import checked as checked_prediction, detect as detect_prediction
 from .progress import Progress
 from .rank import RankPolicy, as_policy
 from .report import Report, Row, Status
 from .run import Run
+from .shapes import as_matrix
 from .svd import exact_svd, truncated_svd
 
 SVD_METHODS = ("auto", "exact", "randomized")
@@ -31,7 +34,7 @@ SVD_METHODS = ("auto", "exact", "randomized")
 
 def decompose(d: torch.Tensor, shape: tuple[int, ...], policy: RankPolicy, svd: str = "auto") -> tuple[LowRank, float]:
     """Best rank-r approximation of a delta under `policy`; returns it and its relative Frobenius error."""
-    mat = d.reshape(shape[0], -1)
+    mat = as_matrix(d)
     energy = float(mat.double().square().sum())
     if policy.needs_spectrum(shape) or svd == "exact":
         u, s, vh = exact_svd(mat)
@@ -75,8 +78,7 @@ def _layer_delta(t: Target, base: torch.Tensor, tuned: torch.Tensor, files: tupl
                              f"{tuple(base.shape)} in the base", files[1].path)
     for w, f in zip((base, tuned), files):
         check_finite(w, t.ckpt_key, f.path)
-    rows = slice(*t.rows) if t.rows else slice(None)
-    return tuned[rows].to(device, torch.float32) - base[rows].to(device, torch.float32)
+    return rows_of(tuned, t.rows).to(device, torch.float32) - rows_of(base, t.rows).to(device, torch.float32)
 
 
 def extract(base: TensorFile, tuned: TensorFile, policy: RankPolicy, conv_policy: RankPolicy | None,
@@ -120,14 +122,15 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, rank: RankPolicy
                  min_rank: int = 8, max_rank: int | None = 96, save_path: str | Path | None = None, *,
                  conv_rank: RankPolicy | str | float | int | None = None, conv: bool = True,
                  skip: float = 1e-6, device: str = "auto", svd: str = "auto",
-                 dtype: torch.dtype = torch.float16, overwrite: bool = False,
+                 dtype: torch.dtype = torch.float16, overwrite: bool = False, prediction: str | None = None,
                  progress: Progress | None = None) -> Report:
     """Extract a LoRA from checkpoint files and (with `save_path`) write it as a kohya LoRA.
 
     `rank`: a float < 1 is a fraction of full rank (⌈rank·in·k²⌉, clamped to [min_rank, max_rank]);
     an int is a fixed rank; a string is any rank policy (`sv_ratio=20`, `fro=0.9,max=64`, …).
     `conv_rank` is the policy for 3×3 convs (default: same as `rank`); `conv=False` leaves all
-    resnet/sampler layers out.
+    resnet/sampler layers out. `prediction` (`epsilon` / `v`; None or `auto`: detected, see
+    prediction.py) is the tuned model's prediction type, recorded in the metadata.
     """
     policy = as_policy(rank, min_rank, max_rank)
     conv_policy = as_policy(conv_rank, min_rank, max_rank) if conv_rank is not None else policy
@@ -136,18 +139,26 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, rank: RankPolicy
     dtype = arguments.output_dtype(dtype)
     conv = arguments.flag(conv, "conv")
     dev = arguments.device(device)
+    prediction = checked_prediction(prediction)
+    base_path, tuned_path = arguments.path(base_path, "base_path"), arguments.path(tuned_path, "tuned_path")
+    save_path = arguments.optional_path(save_path, "save_path")
     with Run("extract", progress) as run:
         if save_path is not None:
             run.claim([save_path], inputs=[base_path, tuned_path], overwrite=overwrite)
         with open_tensors(base_path) as base, open_tensors(tuned_path) as tuned:
+            found = detect_prediction(_pair_arch(base, tuned)[0], (tuned, base), prediction)
             arch_id, lowranks, report = extract(base, tuned, policy, conv_policy if conv else None,
                                                 skip, dev, svd, run.phase("layers"))
         run.use(report)
+        report.totals["prediction"] = found.describe()
+        if not found.sure:
+            report.warnings.append(f"prediction type {found.describe()}; pass prediction='epsilon' or 'v' "
+                                   "(CLI --prediction) if that is wrong")
         if save_path is not None:
-            meta = {"ortholora_operation": "extract", "ortholora_base": Path(base_path).name,
-                    "ortholora_tuned": Path(tuned_path).name, "ortholora_policy": report.totals["policy"],
+            meta = {"ortholora_operation": "extract", "ortholora_base": base_path.name,
+                    "ortholora_tuned": tuned_path.name, "ortholora_policy": report.totals["policy"],
                     "ortholora_conv_policy": report.totals["conv_policy"]}
             write = run.phase("write", 1)
-            write_lora(save_path, lowranks, arch_id, dtype, meta, overwrite)
-            write.step(Path(save_path).name)
+            write_lora(save_path, lowranks, arch_id, dtype, meta, overwrite, found.type)
+            write.step(save_path.name)
     return run.report

@@ -21,28 +21,13 @@ import numpy
 import safetensors.torch
 import torch
 
-from .errors import OrthoLoraError
+from .dtypes import SAFETENSORS_CODES as _DTYPE_NAMES
+from .dtypes import SAFETENSORS_DTYPES
+from .errors import OrthoLoraError, printable
 from .memory import large_buffers_unmapped_on_free, trim
-from .outputs import SAFETENSORS, atomic_output, write_error
+from .outputs import atomic_output, write_error
+from .paths import SAFETENSORS, TORCH_SUFFIXES, PathLike
 
-PathLike = str | os.PathLike
-
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Caps on what a header can cost. A full SDXL checkpoint's header is 0.36 MB (2,515 tensors);
 # kohya training metadata (tag frequencies of a large dataset, an embedded thumbnail) adds at most a
 # few MB: 16 MiB leaves a margin of 4x or more. The largest Stable Diffusion file has ~7,500 tensors
@@ -477,11 +462,13 @@ class TensorSpec:
 
 
 def _check_metadata_out(metadata: Mapping[str, str] | None, target: Path) -> dict[str, str]:
+    """The metadata as valid UTF-8 strings (a non-UTF-8 file name's bytes written `\\xff`, see
+    `errors.printable`); anything but strings is refused."""
     metadata = dict(metadata or {})
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise OrthoLoraError(f"metadata {key!r} must map a string to a string", target)
-    return metadata
+    return {printable(key): printable(value) for key, value in metadata.items()}
 
 
 def _safetensors_header(specs: list[TensorSpec], metadata: dict[str, str], target: Path,
@@ -637,21 +624,6 @@ def write_safetensors_streamed(path: PathLike, specs: list[TensorSpec],
         for spec in specs:
             writer.write(spec.name, produce(spec.name))
             trim()  # hand the dropped tensor's pages back before producing the next one
-
-
-def _hashes_of(blob: bytes) -> dict[str, str]:
-    data_start = 8 + int.from_bytes(blob[:8], "little")
-    return {
-        "sshs_model_hash": hashlib.sha256(memoryview(blob)[data_start:]).hexdigest(),
-        "sshs_legacy_hash": hashlib.sha256(memoryview(blob)[0x100000:0x110000]).hexdigest()[:8],
-    }
-
-
-def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
-                ) -> dict[str, str]:
-    """kohya's ``sshs_model_hash``/``sshs_legacy_hash``: tensors saved with the ss_* metadata;
-    model hash = sha256 of the data section, legacy = sha256 of bytes [1 MiB, 1 MiB + 64 KiB)."""
-    return _hashes_of(safetensors.torch.save(dict(tensors), _training(metadata)))
 
 
 def _training(metadata: Mapping[str, str]) -> dict[str, str]:

@@ -5,25 +5,23 @@ import datetime
 import json
 import math
 import os
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
 from . import __version__
+from .dtypes import torch_name
 from .errors import OrthoLoraError
-from .arch import detect
+from .arch import ARCH_NAMES, detect
 from .fileio import SafetensorsWriter, TensorFile, TensorSpec, all_finite, check_finite, layout_order, open_tensors
 from .keys import guess_arch, name_table, resolve
 from .lowrank import LowRank
 from .modules import NetworkModule, build_module, suffix_of
+from .shapes import as_matrix, matrix_shape
 
-_BASE_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-_MODELSPEC = {"sd15": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
-              "sdxl": "stable-diffusion-xl-v1-base/lora"}
-_RESOLUTION = {"sd15": "512x512", "sd2": "512x512", "sdxl": "1024x1024"}
-_FROM_METADATA = {"sd_v1": "sd15", "sd_v2": "sd2", "sd_v2_v": "sd2", "sdxl_base_v1-0": "sdxl"}
 
 
 @dataclass
@@ -56,13 +54,11 @@ class LoraFile:
 
 
 def _arch_from_metadata(meta: dict[str, str]) -> str | None:
-    if meta.get("ss_base_model_version") in _FROM_METADATA:
-        return _FROM_METADATA[meta["ss_base_model_version"]]
-    spec = meta.get("modelspec.architecture", "")
-    for prefix, arch_id in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"),
-                            ("stable-diffusion-v1", "sd15")):
-        if spec.startswith(prefix):
-            return arch_id
+    version, spec = meta.get("ss_base_model_version"), meta.get("modelspec.architecture", "")
+    found = ([a for a, names in ARCH_NAMES.items() if version in names.base_versions]
+             or [a for a, names in ARCH_NAMES.items() if spec.startswith(names.modelspec_family)])
+    if found:
+        return found[0]
     return "sd2" if meta.get("ss_v2") == "True" else None
 
 
@@ -88,7 +84,7 @@ def _layer_layout(shape: tuple[int, ...], layer: tuple[int, ...]) -> tuple[int, 
     operations to report."""
     if len(shape) == len(layer) or len(layer) not in (2, 4) or len(shape) not in (2, 4):
         return shape
-    inner = math.prod(shape[1:])
+    inner = matrix_shape(shape)[1]
     if len(layer) == 2:
         return (shape[0], inner) if shape[2:] == (1, 1) else shape
     k = layer[2] * layer[3]
@@ -122,8 +118,9 @@ def _dry_run(raw: str, group: dict[str, torch.Tensor], kernel: int | None, layer
                 fits = fits and tuple(module.delta().shape) == shape
             if lr is not None:
                 lr = module.lowrank()
-                fits = fits and lr.up.reshape(lr.up.shape[0], -1).shape == (shape[0], lr.rank) \
-                    and lr.down.reshape(lr.rank, -1).shape[1] == math.prod(shape[1:]) and lr.rank > 0
+                up, down = as_matrix(lr.up), as_matrix(lr.down)  # up @ down must make the layer's matrix
+                fits = (fits and lr.rank > 0 and up.shape[1] == lr.rank
+                        and (up.shape[0], down.shape[1]) == matrix_shape(shape))
             bias = module.bias_delta()
             fits = fits and (bias is None or tuple(bias.shape) == shape[:1])
     except OrthoLoraError as e:
@@ -265,52 +262,79 @@ def read_lora(path: str | bytes | os.PathLike, arch: str | None = None) -> LoraF
     return LoraFile(r.path, r.arch, modules, r.metadata, r.unknown, r.stray_keys)
 
 
-def lora_metadata(arch: str, lowranks: dict[str, LowRank], title: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """kohya (`ss_*`) and modelspec metadata for a LoRA written with alpha = rank."""
+def file_alpha(lowranks: Mapping[str, LowRank]) -> int:
+    """The one alpha every module of a written file carries: the most common UNet rank (ties: the
+    smaller), or the most common rank when there is no UNet module; 1 for an empty set.
+
+    Each module's scale is alpha/r (kohya, the webui, ComfyUI, diffusers all read it so) and its
+    factors absorb √(r/alpha) (`LowRank.to_kohya`). One value per file, because diffusers keeps a
+    single alpha per component (its most common) and drops per-module exceptions for UNet attention
+    and CLIP text-encoder layers: with one value there is no exception to drop, and its rank_pattern
+    gives every module its own r. The most common UNet rank also keeps those modules exact in older
+    diffusers (≤ 0.32), which applies UNet factors at scale 1 whenever ranks differ. Its factors
+    grow by at most √(r_max/alpha) and shrink by at least √(r_min/alpha) (fp16: checked in write_lora)."""
+    unet = [lr.rank for name, lr in lowranks.items() if lr.rank and name.startswith("lora_unet_")]
+    counts = Counter(unet or [lr.rank for lr in lowranks.values() if lr.rank])
+    return min(counts, key=lambda r: (-counts[r], r)) if counts else 1
+
+
+def lora_metadata(arch: str, lowranks: Mapping[str, LowRank], title: str, extra: dict[str, str] | None = None,
+                  prediction: str | None = None) -> dict[str, str]:
+    """kohya (`ss_*`) and ModelSpec metadata for a LoRA written with one alpha (`file_alpha`).
+    `prediction` (`epsilon` / `v`, None when unknown) picks the variant: SD2 v is 768-v; it is
+    stated as modelspec.prediction_type only when known (unknown reads as the architecture's default)."""
     ranks = {lr.rank for name, lr in lowranks.items() if len(lr.shape) == 2 or lr.shape[2] == 1}
     conv_ranks = {lr.rank for lr in lowranks.values() if len(lr.shape) == 4 and lr.shape[2] > 1}
     dim = str(ranks.pop()) if len(ranks) == 1 else ("Dynamic" if ranks else "0")
+    alpha = str(file_alpha(lowranks))
+    names = ARCH_NAMES[arch]
+    variant = names.variant(prediction)
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": dim,
-        "ss_network_alpha": dim,
+        "ss_network_alpha": alpha,
         "ss_v2": str(arch == "sd2"),
-        "ss_base_model_version": _BASE_VERSION[arch],
+        "ss_base_model_version": variant.base_version,
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": _MODELSPEC[arch],
+        "modelspec.architecture": variant.modelspec,
+        "modelspec.implementation": names.implementation,
         "modelspec.title": title,
         "modelspec.date": datetime.date.today().isoformat(),
-        "modelspec.resolution": _RESOLUTION[arch],
+        "modelspec.resolution": variant.resolution,
         "ortholora_version": __version__,
     }
+    if prediction:
+        meta["modelspec.prediction_type"] = prediction
     if conv_ranks:
         conv = str(conv_ranks.pop()) if len(conv_ranks) == 1 else "Dynamic"
-        meta["ss_network_args"] = json.dumps({"conv_dim": conv, "conv_alpha": conv})
+        meta["ss_network_args"] = json.dumps({"conv_dim": conv, "conv_alpha": alpha})
     meta.update(extra or {})
     return meta
 
 
 class LoraWriter:
-    """One kohya LoRA file (alpha and factors as `LowRank.to_kohya` writes them, `lora_metadata`,
-    fresh sshs hashes) written module by module: every module's shape and rank are given up front
+    """One kohya LoRA file (the file's one alpha, `file_alpha`, and factors as `LowRank.to_kohya`
+    writes them, `lora_metadata`, fresh sshs hashes) written module by module: every module's shape and rank are given up front
     (the header holds them all), then `add(name, lowrank)` in the order of `names` (sorted: the
     file's layout is safetensors' own when all tensors share a dtype), each written at once.
     `close()` (or leaving the `with` block) finishes the file; `metadata` is then final."""
 
     def __init__(self, path: str | Path, layout: Mapping[str, tuple[tuple[int, ...], int]], arch: str,
                  dtype: torch.dtype = torch.float16, extra_metadata: dict[str, str] | None = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, prediction: str | None = None):
         self.path, self.dtype = Path(path), dtype
         self.names = sorted(n for n, (_, rank) in layout.items() if rank)
         if not self.names:
             raise OrthoLoraError("nothing to write: every module was skipped or empty", self.path)
         shapes = {n: _meta_lowrank(*layout[n]) for n in self.names}
-        self._specs = {n: sorted((TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in shapes[n].to_kohya(n, dtype).items()),
+        self.alpha = file_alpha(shapes)
+        self._specs = {n: sorted((TensorSpec(k, t.dtype, tuple(t.shape))
+                                  for k, t in shapes[n].to_kohya(n, dtype, self.alpha).items()),
                                  key=layout_order) for n in self.names}
         self._ranks = {n: layout[n][1] for n in self.names}
         self._next = 0
-        meta = lora_metadata(arch, shapes, self.path.stem, extra_metadata)
+        meta = lora_metadata(arch, shapes, self.path.stem, extra_metadata, prediction)
         self._writer = SafetensorsWriter(self.path, [t for n in self.names for t in self._specs[n]], meta,
                                          overwrite, hashed=True)
         self.metadata = self._writer.metadata
@@ -327,10 +351,10 @@ class LoraWriter:
             raise OrthoLoraError(f"module {name} written out of order", self.path)
         if lr.rank != self._ranks[name]:
             raise OrthoLoraError(f"module {name} has rank {lr.rank}, not the {self._ranks[name]} announced", self.path)
-        tensors = lr.to_kohya(name, self.dtype)
+        tensors = lr.to_kohya(name, self.dtype, self.alpha)
         for spec in self._specs[name]:
             if not all_finite(tensors[spec.name]):
-                raise OrthoLoraError(f"tensor {spec.name} overflows {str(self.dtype).replace('torch.', '')}; "
+                raise OrthoLoraError(f"tensor {spec.name} overflows {torch_name(self.dtype)}; "
                                      "choose a wider output dtype", self.path)
             self._writer.write(spec.name, tensors[spec.name])
         self._next += 1
@@ -342,20 +366,29 @@ class LoraWriter:
 
 def _meta_lowrank(shape: tuple[int, ...], rank: int) -> LowRank:
     """A LowRank of this shape and rank without data (meta tensors): what the header needs."""
-    return LowRank(torch.empty(shape[0], rank, device="meta"), torch.empty(rank, math.prod(shape[1:]), device="meta"),
-                   1.0, tuple(shape))
+    out, inner = matrix_shape(shape)
+    return LowRank(torch.empty(out, rank, device="meta"), torch.empty(rank, inner, device="meta"), 1.0, tuple(shape))
 
 
 def write_lora(path: str | Path, lowranks: dict[str, LowRank], arch: str, dtype: torch.dtype = torch.float16,
-               extra_metadata: dict[str, str] | None = None, overwrite: bool = False) -> dict[str, str]:
-    """Write kohya-named LoRA tensors (alpha = rank, balanced factors) atomically; returns metadata."""
+               extra_metadata: dict[str, str] | None = None, overwrite: bool = False,
+               prediction: str | None = None) -> dict[str, str]:
+    """Write kohya-named LoRA tensors (one alpha for the file, balanced factors) atomically; returns
+    metadata (`lora_metadata`; `prediction`: the base model's prediction type when known)."""
     with LoraWriter(path, {n: (lr.shape, lr.rank) for n, lr in lowranks.items()}, arch, dtype, extra_metadata,
-                    overwrite) as writer:
+                    overwrite, prediction) as writer:
         for name in writer.names:
             writer.add(name, lowranks[name])
     return writer.metadata
 
 
-def lora_nbytes(shape: tuple[int, ...], rank: int, itemsize: int) -> int:
-    """Bytes that `rank` directions of a layer take on disk (up + down + alpha)."""
-    return (rank * (shape[0] + math.prod(shape[1:]))) * itemsize
+
+def carried_metadata(meta: Mapping[str, str], arch: str) -> dict[str, str]:
+    """The input's `ss_*` training and `modelspec.*` descriptive metadata that still holds for an
+    output made from that one input (resize, diag): nothing lora_metadata recomputes (the prediction
+    type is passed on by itself), no ss_network_* (shape), no hashes."""
+    recomputed = set(lora_metadata(arch, {}, "", prediction="v"))
+    return {k: v for k, v in meta.items()
+            if k.startswith(("ss_", "modelspec.")) and "hash" not in k.lower()
+            and not k.startswith("ss_network_") and k not in recomputed}
+

@@ -8,7 +8,6 @@ output dtype is asked). Peak memory: the LoRAs plus about one checkpoint tensor.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -17,16 +16,18 @@ import torch
 
 from . import arguments
 from .arch import Arch, Shape, detect
+from .dtypes import torch_name
 from .errors import OrthoLoraError
 from .fileio import TensorSpec, check_finite, open_tensors, write_safetensors_streamed
-from .keys import Target, targets
+from .keys import Target, rows_of, targets
 from .lorafile import LoraFile, read_lora
 from .modules import NetworkModule
+from .paths import PathLike
 from .progress import Progress
 from .report import Report, Row, Status
 from .run import Run
+from .shapes import matrix_shape
 
-PathLike = str | os.PathLike
 ADDMM_MAX_RANK = 128
 
 
@@ -83,8 +84,7 @@ def plan_merge(arch: Arch, shapes: Mapping[str, Shape], loras: Sequence[tuple[Lo
                 row.status, row.note = Status.UNMATCHED, "no layer of this checkpoint has this name"
                 unmatched.append(name)
                 continue
-            flat = (module.shape[0], torch.Size(module.shape[1:]).numel())
-            if flat != (t.shape[0], torch.Size(t.shape[1:]).numel()):  # not only numel: (in, out) ≠ (out, in)
+            if matrix_shape(module.shape) != matrix_shape(t.shape):  # not only numel: (in, out) ≠ (out, in)
                 rows = f" (rows {t.rows[0]}:{t.rows[1]})" if t.rows else ""
                 raise OrthoLoraError(f"module {name} has shape {module.shape} but layer {t.ckpt_key}{rows} of "
                                      f"{ckpt_path} is {t.shape}: made for another model?", lora.path)
@@ -109,7 +109,7 @@ def merged_tensor(w: torch.Tensor, contributions: Sequence[Contribution], dtype:
     acc = w.to(torch.float32, copy=True)
     del w  # the caller passes its only reference: free it before the deltas are formed
     for c in contributions:
-        c.add_into(acc[slice(*c.rows)] if c.rows else acc)
+        c.add_into(rows_of(acc, c.rows))
     return acc.to(dtype)
 
 
@@ -135,13 +135,13 @@ def merge_lora(base_path: PathLike, lora_path: PathLike | Sequence[PathLike], mu
     `multiplier`: one value for all, or one per LoRA. `dtype`: output dtype of the floating tensors
     (None keeps each tensor's own). Output is safetensors at `save_path` (default
     `<base>-merged.safetensors` next to the base); the base may also be a .ckpt."""
-    base = Path(base_path)
+    base = arguments.path(base_path, "base_path")
     paths = arguments.path_list(lora_path)
     if not paths:
         raise OrthoLoraError("no LoRA file given")
     mults = arguments.as_ratios(multiplier, len(paths), "multiplier")
     dtype = None if dtype is None else arguments.output_dtype(dtype)
-    out = Path(save_path) if save_path is not None else base.with_name(f"{base.stem}-merged.safetensors")
+    out = arguments.optional_path(save_path, "save_path") or base.with_name(f"{base.stem}-merged.safetensors")
     with Run("merge", progress) as run:
         run.claim([out], inputs=[base, *paths], overwrite=overwrite)
         with open_tensors(base) as f:
@@ -185,6 +185,6 @@ def merge_lora(base_path: PathLike, lora_path: PathLike | Sequence[PathLike], mu
             "tensors_unchanged": len(shapes) - len(plan),
             "modules_merged": report.count(Status.OK),
             "modules_unmatched": report.count(Status.UNMATCHED),
-            "dtype": "kept" if dtype is None else str(dtype).replace("torch.", ""),
+            "dtype": "kept" if dtype is None else torch_name(dtype),
         })
     return run.report

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
-from . import arguments
+from . import arguments, prediction
 from .arch import Arch
 from .errors import OrthoLoraError
-from .join import PathLike, read_sources, source_names
+from .paths import PathLike
+from .sources import read_sources, source_names
 from .lorafile import write_lora
 from .lowrank import LowRank, concat
 from .progress import Progress
@@ -61,6 +61,7 @@ def mix_loras(paths: Sequence[PathLike], save_path: PathLike, rank: int | str | 
     policy = as_policy(rank)
     dtype = arguments.output_dtype(dtype)
     labels = source_names(paths)
+    save_path = arguments.path(save_path, "save_path")
     with Run("mix", progress) as run:
         run.claim([save_path], inputs=paths, overwrite=overwrite)
         report = run.report
@@ -76,8 +77,9 @@ def mix_loras(paths: Sequence[PathLike], save_path: PathLike, rank: int | str | 
         record = {"sources": [{"name": n, "file": p.name, "ratio": r} for n, p, r in zip(labels, paths, ratios)],
                   "rank": policy.describe()}
         write = run.phase("write", 1)
-        write_lora(save_path, kept, arch, dtype, {"ortholora_mix": json.dumps(record)}, overwrite)
-        write.step(Path(save_path).name)
+        write_lora(save_path, kept, arch, dtype, {"ortholora_mix": json.dumps(record)}, overwrite,
+                   prediction.of_files(paths))
+        write.step(save_path.name)
         errors = [r.rel_error for r in report.rows if r.status == Status.OK]
         report.totals.update({"architecture": Arch(arch).title,
                               "sources": ", ".join(f"{n}×{r:g}" for n, r in zip(labels, ratios)),

@@ -36,30 +36,26 @@ import hashlib
 import json
 import math
 import os
-import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Iterable, Iterator
 
 import torch
 
+from . import paths
 from .arch import detect
 from .errors import OrthoLoraError
 from .fileio import TensorFile, check_finite, json_outline, open_tensors
-from .keys import Target, targets
+from .keys import Target, rows_of, targets
 from .outputs import atomic_output
+from .parallel import parallel_map
 from .progress import Progress
+from .shapes import as_matrix
 
 CACHE_VERSION = 2
 RTOL = 1e-4
 RACY_NS = 2_000_000_000
-_T = TypeVar("_T")
-_R = TypeVar("_R")
 
 
 @dataclass(frozen=True)
@@ -127,66 +123,12 @@ def _top_ritz(alphas: list[float], betas: list[float], exact: bool = False) -> t
 
 def layer_norms(w: torch.Tensor) -> LayerNorms:
     """σ_max and ‖·‖_F of a weight flattened to [out, in·k·k] (computed in float32)."""
-    flat = w.float().reshape(w.shape[0], -1)
+    flat = as_matrix(w.float())
     return LayerNorms(spectral_norm(flat), float(torch.linalg.vector_norm(flat)))
 
 
 # ---------------------------------------------------------------------------------------------
 # Streaming the base checkpoint
-
-
-_WORKERS: ContextVar[int | None] = ContextVar("ortholora_layer_workers", default=None)
-_THREADS = threading.Lock()  # guards the two below
-_users = 0  # layer_parallelism sections open now, in any thread
-_saved = 0  # torch's thread count before the first of them began
-
-
-@contextmanager
-def layer_parallelism() -> Iterator[int]:
-    """Inside, torch ops of this thread and of `parallel_map`'s workers run single-threaded, and
-    `parallel_map` spreads layers over as many worker threads as torch had threads before (nested
-    uses keep the outer count); yields that count. Many small per-layer ops scale far better across
-    layers than inside each op, and never oversubscribe a busy machine.
-
-    torch's thread count is also the default of every thread started later, process-wide; sections
-    overlapping in several threads (two API requests) share the count saved by the first, and each
-    puts it back on leaving, so the process never keeps one thread."""
-    global _users, _saved
-    workers = _WORKERS.get()
-    if workers is not None:
-        yield workers
-        return
-    with _THREADS:
-        if _users == 0:
-            _saved = torch.get_num_threads()
-        _users += 1
-        workers = _saved
-        torch.set_num_threads(1)
-    token = _WORKERS.set(workers)
-    try:
-        yield workers
-    finally:
-        _WORKERS.reset(token)
-        with _THREADS:
-            _users -= 1
-            torch.set_num_threads(workers)
-
-
-def parallel_map(fn: Callable[[_T], _R], items: Iterable[_T]) -> Iterator[_R]:
-    """fn over items, in order, under `layer_parallelism`; at most two items per worker are drawn
-    from `items` ahead of the results (items may be big tensors)."""
-    with layer_parallelism() as workers:
-        if workers <= 1:
-            yield from map(fn, items)
-            return
-        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            pending: deque[Future[_R]] = deque()
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
 
 
 def block_digest(block: torch.Tensor) -> str:
@@ -228,7 +170,7 @@ class BaseCheckpoint:
 
     def __init__(self, path: str | bytes | os.PathLike, cache_dir: str | os.PathLike | None = None):
         self.path = Path(os.fsdecode(path))
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else paths.cache_dir()
         before = FileState.of(self.path)
         self.file: TensorFile = open_tensors(self.path)
         try:
@@ -273,13 +215,13 @@ class BaseCheckpoint:
             w = self.file.get(key)
             check_finite(w, key, self.path)
             for t in for_key:
-                yield t, w[slice(*t.rows)] if t.rows else w
+                yield t, rows_of(w, t.rows)
             del w
 
     def weights(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, float32 weight flattened to [out, in·k·k]), as `blocks` streams them."""
         for t, block in self.blocks(names):
-            yield t.name, block.float().reshape(block.shape[0], -1)
+            yield t.name, as_matrix(block.float())
 
     def norms(self, names: Iterable[str], progress: Progress | None = None) -> tuple[dict[str, LayerNorms], int]:
         """Norms of the named layers, from the cache where their digests are known and cached; the
@@ -352,12 +294,6 @@ class BaseCheckpoint:
 
 # ---------------------------------------------------------------------------------------------
 # Cache files
-
-
-def default_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/ortholora`, else `~/.cache/ortholora`."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "ortholora"
 
 
 STORE_FILE = "norms-v2.json"

@@ -47,13 +47,13 @@ from typing import Sequence
 
 import torch
 
-from . import align, arguments
+from . import align, arguments, prediction
 from .arch import Arch
 from .errors import OrthoLoraError
 from .keys import name_table
 from .lorafile import LoraReader, LoraWriter, open_lora
 from .lowrank import LowRank, concat
-from .normcache import parallel_map
+from .parallel import parallel_map
 from .progress import Progress
 from .rank import RankPolicy, as_policy
 from .report import Report, Row, Status
@@ -120,7 +120,6 @@ class Layer:
     owner: torch.Tensor
     gu: torch.Tensor
     gd: torch.Tensor
-
     k: int
 
     @classmethod
@@ -132,37 +131,41 @@ class Layer:
         """G_ij = ⟨dW_i, dW_j⟩ [K, K] (align.gram_of_grams)."""
         return align.gram_of_grams(self.gu, self.gd, self.owner, self.k)
 
-    def outputs(self, w: torch.Tensor, policy: RankPolicy | None, form: bool
-                ) -> list[tuple[int, float, LowRank | None]]:
-        """Σ_k w_ik·dW_k for each row i of `w` [n, K]: its rank, the relative Frobenius error of its
-        truncation and (with `form`) its balanced factors (scale 1, float32; None at rank 0), from
-        the SVD of U·diag(ω_i)·D, ω_i = w_i[owner]: G_u scaled by ω_i on both sides, one B for all
-        outputs (`svd.core_svd`), the factors formed in float64 as U·(ω_i·L·√S) and (√S·R)·D.
-        Directions below the float32 noise of the inputs, σ ≤ 1e-6·Σ_k |w_ik|·‖U_k‖_F·‖D_k‖_F,
-        are zero; `policy` (None: keep the rest, exact) picks the rank."""
+    def _core(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The SVD of U·diag(ω_i)·D, ω_i = w_i[owner], for each row i of `w` [n, K], as (ω, L, σ, R)
+        of `svd.core_svd` (G_u scaled by ω_i on both sides, one B for all outputs). Directions below
+        the rounding noise of the float64 core, σ² ≤ NOISE·(Σ_k |w_ik|·‖U_k‖_F·‖D_k‖_F)², are zero."""
         omega = w[:, self.owner]
-        shape = self.lr.shape
         sizes = [torch.zeros(self.k, dtype=torch.float64).index_add_(0, self.owner, g.diagonal()).clamp_min(0)
                  for g in (self.gu, self.gd)]  # ‖U_k‖²_F, ‖D_k‖²_F
         floor = NOISE * (w.abs() @ (sizes[0] * sizes[1]).sqrt()).square()
-        left, sp, right = core_svd(omega[:, :, None] * self.gu * omega[:, None, :], gram_root(self.gd, self.lr.down.shape[1]),
-                                   floor, rtol=0.0)
+        left, sp, right = core_svd(omega[:, :, None] * self.gu * omega[:, None, :],
+                                   gram_root(self.gd, self.lr.down.shape[1]), floor, rtol=0.0)
+        return omega, left, sp, right
+
+    def plan(self, w: torch.Tensor, policy: RankPolicy | None) -> list[tuple[int, float]]:
+        """Σ_k w_ik·dW_k for each row i of `w` [n, K]: the rank `policy` picks (None: every direction
+        above the noise, exact) and the relative Frobenius error of that truncation."""
         out = []
-        for i, si in enumerate(sp):
+        for si in self._core(w)[2]:
             keep = int((si > 0).sum())
-            r = min(policy.choose(si[:keep], shape), keep) if policy is not None and keep else keep
+            r = min(policy.choose(si[:keep], self.lr.shape), keep) if policy is not None and keep else keep
             kept = float(si[:keep].square().sum())
-            err = math.sqrt(float(si[r:keep].square().sum()) / kept) if kept > 0 else 0.0
-            out.append((r, err, None))
-        if not form or not any(r for r, _, _ in out):
-            return out
+            out.append((r, math.sqrt(float(si[r:keep].square().sum()) / kept) if kept > 0 else 0.0))
+        return out
+
+    def form(self, w: torch.Tensor, ranks: Sequence[int]) -> list[LowRank | None]:
+        """Σ_k w_ik·dW_k truncated to ranks[i] directions (from `plan`), as balanced factors (scale 1,
+        float32; None at rank 0), formed in float64 as U·(ω_i·L·√S) and (√S·R)·D."""
+        if not any(ranks):
+            return [None] * len(ranks)
+        omega, left, sp, right = self._core(w)
         root = sp.sqrt()
-        ranks = [r for r, _, _ in out]
         ups = torch.cat([omega[i, :, None] * left[i, :, :r] * root[i, :r] for i, r in enumerate(ranks)], 1)
         downs = torch.cat([root[i, :r, None] * right[i, :r] for i, r in enumerate(ranks)])
         up, down = (self.lr.up @ ups).float(), (downs @ self.lr.down).float()
-        return [(r, e, LowRank(u, d, 1.0, shape) if r else None)
-                for (r, e, _), u, d in zip(out, up.split(ranks, 1), down.split(ranks, 0))]
+        return [LowRank(u, d, 1.0, self.lr.shape) if r else None
+                for u, d, r in zip(up.split(list(ranks), 1), down.split(list(ranks), 0), ranks)]
 
 
 @dataclass(frozen=True)
@@ -321,7 +324,7 @@ def ortho_lora(paths: Sequence[str | Path], out_dir: str | Path | None = None, *
     Streamed, layer by layer: a first pass reads each layer of every input and keeps its K×K Gram
     (and, with per-layer λ, each output's rank); with one global λ a second pass finds the ranks
     once λ is known; the last pass reads each layer again and writes it into every output at once."""
-    paths = arguments.path_list(paths)
+    paths, out_dir = arguments.path_list(paths), arguments.optional_path(out_dir, "out_dir")
     if len(paths) < 2:
         raise OrthoLoraError(f"orthogonalization needs at least two LoRAs, got {len(paths)}")
     opts = Options(arguments.whole(directions, "directions", 0, len(paths)), arguments.flag(residuals, "residuals"),
@@ -346,11 +349,10 @@ def ortho_lora(paths: Sequence[str | Path], out_dir: str | Path | None = None, *
         per_layer = keys and not opts.global_lambda
         gram_phase = run.phase("gram", len(layers))
 
-        def first(name: str) -> tuple[str, torch.Tensor, int, list[tuple[int, float, None]]]:
+        def first(name: str) -> tuple[str, torch.Tensor, int, list[tuple[int, float]]]:
             layer = _layer(name, layers[name], files)
             g = layer.gram()
-            plan = layer.outputs(output_weights(solve(g), keys), opts.policy, False) if per_layer else []
-            return name, g, len(layer.owner), plan
+            return name, g, len(layer.owner), layer.plan(output_weights(solve(g), keys), opts.policy) if per_layer else []
 
         grams, ranks, plans = {}, {}, {}
         for name, g, r, plan in parallel_map(first, layers):
@@ -367,9 +369,9 @@ def ortho_lora(paths: Sequence[str | Path], out_dir: str | Path | None = None, *
             if opts.global_lambda:
                 rank_phase = run.phase("rank", len(layers))
 
-                def ranked(name: str) -> tuple[str, list[tuple[int, float, None]]]:
-                    return name, _layer(name, layers[name], files).outputs(output_weights(sols[name], keys),
-                                                                           opts.policy, False)
+                def ranked(name: str) -> tuple[str, list[tuple[int, float]]]:
+                    return name, _layer(name, layers[name], files).plan(output_weights(sols[name], keys), opts.policy)
+
                 for name, plan in parallel_map(ranked, layers):
                     plans[name] = plan
                     rank_phase.step(name)
@@ -378,40 +380,40 @@ def ortho_lora(paths: Sequence[str | Path], out_dir: str | Path | None = None, *
 
 
 def _write_outputs(run: Run, targets: dict[tuple[str, int], Path], files: list[LoraReader],
-                   layers: dict[str, list[bool]], plans: dict[str, list[tuple[int, float, None]]],
+                   layers: dict[str, list[bool]], plans: dict[str, list[tuple[int, float]]],
                    sols: dict[str, Directions], opts: Options) -> None:
-    """Report each layer's ranks and errors, then read every layer again and write it into every
-    output at once (one claimed output per key, written side by side, in name order)."""
+    """Report each layer's ranks and errors (`plans`: per layer, per output), then read every layer
+    again and write it into every output at once (one claimed output per key, written side by side,
+    in name order), each output of the rank its plan found."""
     keys = list(targets)
     rows = {r.module: r for r in run.report.rows}
     shared = keys.index(("direction", 1)) if ("direction", 1) in keys else None
     for name, plan in plans.items():
-        if any(r for r, _, _ in plan):
-            rows[name].rel_error = max(e for _, e, _ in plan)
+        if any(r for r, _ in plan):
+            rows[name].rel_error = max(e for _, e in plan)
             rows[name].rank = plan[shared][0] if shared is not None else None
     run.report.totals["max_rel_error"] = max((r.rel_error for r in rows.values() if r.rel_error is not None),
                                              default=0.0)
     shapes = {name: next(f.shapes[name] for has, f in zip(where, files) if has) for name, where in layers.items()}
-    names = sorted(name for name, plan in plans.items() if any(r for r, _, _ in plan))
+    names = sorted(name for name, plan in plans.items() if any(r for r, _ in plan))
     write = run.phase("write", len(names))
 
-    def work(name: str) -> tuple[str, list[tuple[int, float, LowRank | None]]]:
-        return name, _layer(name, layers[name], files).outputs(output_weights(sols[name], keys), opts.policy, True)
+    def work(name: str) -> tuple[str, list[LowRank | None]]:
+        return name, _layer(name, layers[name], files).form(output_weights(sols[name], keys),
+                                                            [r for r, _ in plans[name]])
 
+    kind = prediction.common([f.metadata for f in files])
     with ExitStack() as stack:
         writers = {}
         for i, key in enumerate(keys):
             layout = {name: (shapes[name], plan[i][0]) for name, plan in plans.items() if plan[i][0]}
             if layout:
                 writers[key] = stack.enter_context(LoraWriter(targets[key], layout, files[0].arch, opts.dtype,
-                                                              _metadata(key, files, sols, opts)))
+                                                              _metadata(key, files, sols, opts), prediction=kind))
             else:
                 run.not_written(targets[key], "it is zero in every layer")
         for name, made in parallel_map(work, names):
-            for key, (r, _, lr) in zip(keys, made):
-                if r != plans[name][keys.index(key)][0]:
-                    raise OrthoLoraError(f"module {name}: rank {r} differs from the first pass's "
-                                         f"{plans[name][keys.index(key)][0]}")
+            for key, lr in zip(keys, made):
                 if lr is not None:
                     writers[key].add(name, lr)
             write.step(name)

@@ -36,14 +36,13 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import OrthoLoraError
+from .paths import SAFETENSORS, PathLike
 
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-PathLike = str | os.PathLike
-SAFETENSORS = ".safetensors"
 EXISTS = "exists; pass overwrite to replace it"
 _TEMP = re.compile(r"\..*\.ortholora-([0-9a-f]{12})\.tmp")
 _LOCK = re.compile(r"\.ortholora-([0-9a-f]{12})\.lock")
@@ -214,7 +213,7 @@ _ACTIVE: ContextVar[tuple["Outputs", ...]] = ContextVar("ortholora_outputs", def
 
 def claimed(path: PathLike) -> Claim | None:
     """The claim of `path` by a run in progress (innermost first), if any."""
-    key = _key(Path(path))
+    key = _key(Path(os.fsdecode(path)))
     for outputs in reversed(_ACTIVE.get()):
         if key in outputs.claims:
             return outputs.claims[key]
@@ -248,7 +247,7 @@ class Outputs:
     def claim(self, targets: Iterable[PathLike], *, inputs: Iterable[PathLike | None] = (), overwrite: bool = False,
               suffix: str | None = SAFETENSORS, make_folders: bool = False) -> list[Path]:
         """Claim `targets` (refusals: see the module docstring); returns them as paths, in order."""
-        paths = [Path(t) for t in targets]
+        paths = [Path(os.fsdecode(t)) for t in targets]
         sources = {i for i in map(_identity, (p for p in inputs if p is not None)) if i is not None}
         enclosing = {k for outputs in _ACTIVE.get() if outputs is not self for k in outputs.claims}
         taken = {_identity(c.target) for c in self.claims.values()} - {None}

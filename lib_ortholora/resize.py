@@ -7,12 +7,12 @@ recipes: the first reads each module and keeps only its spectrum (σ and, within
 r×d matrices; past that they are recomputed), the recipes then choose (a `size=` budget needs every
 layer's σ), and the second reads each module again and writes its kept directions into every
 recipe's output at once (one claimed output per recipe, written side by side). Kept directions are
-written balanced (√σ in both factors, alpha = new rank); layers with none kept are dropped.
+written balanced (√σ in both factors, scale 1; on disk with the file's one alpha,
+lorafile.file_alpha); layers with none kept are dropped.
 """
 from __future__ import annotations
 
 import math
-import os
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,19 +20,21 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from . import arguments
+from . import arguments, prediction
 from .arch import ARCHS, Arch
 from .errors import OrthoLoraError
-from .lorafile import LoraReader, LoraWriter, lora_metadata, open_lora
+from .lorafile import LoraReader, LoraWriter, carried_metadata, open_lora
 from .lowrank import LowRank
-from .normcache import BaseCheckpoint, LayerNorms, layer_parallelism, parallel_map
+from .normcache import BaseCheckpoint, LayerNorms
+from .paths import PathLike
+from .parallel import layer_parallelism, parallel_map
 from .progress import Progress
 from .report import Report, Row, Status
 from .run import Run
 from .scores import LayerScoring, Recipe, parse_recipes, references, select
+from .shapes import matrix_shape
 from .svd import Factored, factor_svd
 
-PathLike = str | os.PathLike
 KEEP_BYTES = 256 << 20  # decompositions (r×d matrices) kept between the passes; the rest are recomputed
 
 
@@ -112,15 +114,6 @@ def kept_lowranks(f: Factored, masks: Sequence[torch.Tensor]) -> list[LowRank | 
 
 # ---------------------------------------------------------------------------------------------
 # Files
-
-
-def carried_metadata(meta: Mapping[str, str], arch: str) -> dict[str, str]:
-    """The input's `ss_*` training and `modelspec.*` descriptive metadata that still holds after a
-    resize: nothing lora_metadata recomputes, no ss_network_* (shape), no hashes."""
-    recomputed = set(lora_metadata(arch, {}, ""))
-    return {k: v for k, v in meta.items()
-            if k.startswith(("ss_", "modelspec.")) and "hash" not in k.lower()
-            and not k.startswith("ss_network_") and k not in recomputed}
 
 
 def output_path(out_dir: PathLike, stem: str, recipe: Recipe) -> Path:
@@ -212,10 +205,10 @@ def _resize_file(run: Run, path: Path, todo: list[tuple[Recipe, Path]], base: Ba
                 writing.append((sel, target))
             else:
                 run.not_written(target, f"{recipe.text} keeps no direction of {path.name}")
-        _write(run, lf, spectra, writing, dtype, carried)
+        _write(run, lf, spectra, writing, dtype, carried, prediction.common([lf.metadata]))
     for sel, target in writing:
         layout = sel.layout(spectra)
-        size = sum(rank * (shape[0] + math.prod(shape[1:])) for shape, rank in layout.values())
+        size = sum(rank * sum(matrix_shape(shape)) for shape, rank in layout.values())
         report.data.setdefault("outputs", []).append({
             "file": str(target), "lora": path.name, "recipe": sel.recipe.text, "layers": len(layout),
             "directions": sum(rank for _, rank in layout.values()),
@@ -224,7 +217,7 @@ def _resize_file(run: Run, path: Path, todo: list[tuple[Recipe, Path]], base: Ba
 
 
 def _write(run: Run, lf: LoraReader, spectra: dict[str, Factored], writing: list[tuple[Selection, Path]],
-           dtype: torch.dtype, carried: dict[str, str]) -> None:
+           dtype: torch.dtype, carried: dict[str, str], kind: str | None) -> None:
     """Second pass: every module that some recipe keeps is read again and its kept directions go to
     each recipe's output, all outputs written side by side, module by module in name order."""
     names = sorted(n for n in spectra if any(sel.masks[n].any() for sel, _ in writing))
@@ -242,7 +235,8 @@ def _write(run: Run, lf: LoraReader, spectra: dict[str, Factored], writing: list
             extra = {**carried, "ortholora_resize_recipe": sel.recipe.text, "ortholora_resize_source": lf.path.name}
             if sel.threshold is not None and math.isfinite(sel.threshold):
                 extra["ortholora_resize_threshold"] = f"{sel.threshold:.6g}"
-            writers.append(stack.enter_context(LoraWriter(target, sel.layout(spectra), lf.arch, dtype, extra)))
+            writers.append(stack.enter_context(LoraWriter(target, sel.layout(spectra), lf.arch, dtype, extra,
+                                                          prediction=kind)))
         for name, kept in parallel_map(work, names):
             for writer, lr in zip(writers, kept):
                 if lr is not None:
@@ -270,6 +264,7 @@ def resize_files(loras: Sequence[PathLike], out_dir: PathLike, recipes: str | Se
     paths = arguments.path_list(loras)
     if not paths:
         raise OrthoLoraError("no LoRA file given")
+    out_dir, ckpt = arguments.path(out_dir, "out_dir"), arguments.optional_path(ckpt, "ckpt")
     if arch is not None:
         arguments.choice(arch, ARCHS, "arch")
     dtype = arguments.output_dtype(dtype)

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import OrthoLoraError
-from .outputs import SAFETENSORS, Outputs, PathLike
+from .outputs import Outputs
+from .paths import SAFETENSORS, PathLike
 from .progress import Progress
 from .report import Report
 

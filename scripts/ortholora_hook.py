@@ -37,21 +37,15 @@ import contextlib
 import logging
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-try:
-    import lib_ortholora  # noqa: F401  (the webui puts the extension folder on sys.path)
-except ImportError:  # imported by path from elsewhere
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lib_ortholora.diag import (DiagSpec, JoinInfo, SliceIndex, apply_diag_to_up, join_info_from_metadata,
-                                parse_diag)
+from lib_ortholora.diag import DiagSpec, apply_diag_to_up, layout_vectors, parse_diag
 from lib_ortholora.errors import OrthoLoraError
 from lib_ortholora.fileio import SafetensorsFile
+from lib_ortholora.joinmeta import JoinInfo, SliceIndex, join_info_from_metadata
 from modules import script_callbacks, scripts, shared
 
 log = logging.getLogger("ortholora")
@@ -264,7 +258,7 @@ def update_network(net, text: str | None, enabled: bool = True) -> tuple[DiagSpe
             spec = parse_diag(text)
             if state.problem:
                 raise OrthoLoraError(state.problem)
-            vectors = state.index.vectors(spec)
+            vectors = layout_vectors(spec, state.index)
         except OrthoLoraError as e:
             spec, problem, vectors = None, str(e), None
 

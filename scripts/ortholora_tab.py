@@ -14,13 +14,8 @@ cannot be imported degrades: no settings, no API, or a tab that says what is mis
 import logging
 import os
 import secrets
-import sys
 
-try:
-    import lib_ortholora  # noqa: F401  (the webui puts the extension folder on sys.path)
-except ImportError:  # imported by path from elsewhere
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from lib_ortholora.paths import LORA_SUFFIXES
 from lib_ortholora.ui.config import DEFAULT_RANK_POLICY, DEVICES, DTYPES, Defaults, UiConfig
 from lib_ortholora.ui.guard import RequestPolicy
 from modules import script_callbacks, shared
@@ -31,7 +26,6 @@ TAB_TITLE, TAB_ID = "LoRA Toolbox", "ortholora"
 SECTION = ("ortholora", "LoRA Toolbox")
 OPT_DEVICE, OPT_DTYPE, OPT_RANK, OPT_HOOK = ("ortholora_device", "ortholora_dtype", "ortholora_rank_policy",
                                              "ortholora_hook_enabled")
-LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
 
 def _models_path():

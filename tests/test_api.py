@@ -132,15 +132,11 @@ def test_inspect_join_mix_merge_ortho(api):
 
 
 def test_resize_and_diag(api):
-    if ops.resize_available():
-        report = post(api, "resize", {"loras": ["demo_style"], "recipes": "rank=4"})
-        out = api.models / "Lora" / "demo_style_rank4.safetensors"
-        assert report["outputs"] == [str(out)] and out.is_file()
-        r = api.post(f"{PREFIX}/resize", json={"loras": ["demo_style"], "recipes": "spn_ckpt=1,thr=-1"})
-        assert r.status_code == 400 and "needs the base checkpoint" in r.json()["detail"]
-    else:
-        r = api.post(f"{PREFIX}/resize", json={"loras": ["demo_style"], "recipes": "rank=4"})
-        assert r.status_code == 400 and "not available" in r.json()["detail"]
+    report = post(api, "resize", {"loras": ["demo_style"], "recipes": "rank=4"})
+    out = api.models / "Lora" / "demo_style_rank4.safetensors"
+    assert report["outputs"] == [str(out)] and out.is_file()
+    r = api.post(f"{PREFIX}/resize", json={"loras": ["demo_style"], "recipes": "spn_ckpt=1,thr=-1"})
+    assert r.status_code == 400 and "needs the base checkpoint" in r.json()["detail"]
     post(api, "diag", {"lora": "demo_joined", "spec": "style=1,other=0", "out": "only_style"})
     assert (api.models / "Lora" / "only_style.safetensors").is_file()
 

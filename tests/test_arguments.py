@@ -4,7 +4,9 @@ silent acceptance), raised before any output exists; and the lazy API is visible
 from __future__ import annotations
 
 import ast
+import io
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,10 +14,13 @@ import torch
 
 import lib_ortholora
 from lib_ortholora import bake_diag, extract_lora, inspect_lora, join_loras, merge_lora, mix_loras, ortho_lora
-from lib_ortholora import resize_files
+from lib_ortholora import Report, resize_files, run_demo
 from lib_ortholora.cli import main
-from lib_ortholora.errors import OrthoLoraError
+from lib_ortholora.diag import parse_diag
+from lib_ortholora.errors import OrthoLoraError, quote
+from lib_ortholora.lorafile import read_lora
 from lib_ortholora.rank import KINDS, parse_policy
+from lib_ortholora.scores import parse_recipes
 from test_bad_inputs import kit  # noqa: F401 - the fixture
 
 NO_CUDA = not torch.cuda.is_available()
@@ -126,3 +131,70 @@ def test_the_lazy_api_is_visible_to_type_checkers():
     assert seen == {name: module for name, module in lib_ortholora._API.items()}
     for name in lib_ortholora.__all__:
         assert getattr(lib_ortholora, name) is not None
+
+
+def test_every_operation_takes_bytes_paths_and_names_that_are_not_utf8(kit, tmp_path):  # noqa: F811
+    """A path may be given as bytes (what os.listdir(bytes) gives for a name that is not UTF-8):
+    every operation takes it as the str os.fsdecode makes of it, and what it writes names the file
+    in valid UTF-8 (metadata: the byte as \\xff)."""
+    b = os.fsencode
+    odd = os.fsdecode(b"odd\xff")
+    out = tmp_path / odd
+    try:
+        out.mkdir()
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes no name that is not UTF-8")
+    lora = out / f"{odd}.safetensors"
+    calls = {
+        "extract": lambda: extract_lora(b(kit.base), b(kit.tuned), 2, save_path=b(lora)),
+        "inspect": lambda: inspect_lora(b(lora)),
+        "merge": lambda: merge_lora(b(kit.base), b(lora), 1.0, b(out / "merged.safetensors")),
+        "merge default output": lambda: merge_lora(b(kit.base), [b(lora)], 0.5, overwrite=True),
+        "join": lambda: join_loras([b(kit.lora), b(lora)], b(out / "joined.safetensors")),
+        "mix": lambda: mix_loras([b(kit.lora), b(lora)], b(out / "mixed.safetensors"), 4),
+        "diag": lambda: bake_diag(b(out / "joined.safetensors"), "good=1", b(out / "baked.safetensors")),
+        "resize": lambda: resize_files([b(lora)], b(out / "resized"), "spn_ckpt=1,thr=-9", b(kit.base)),
+        "ortho": lambda: ortho_lora([b(kit.lora), b(lora)], b(out / "ortho")),
+        "demo": lambda: run_demo(b(out / "demo")),
+    }
+    for name, call in calls.items():
+        assert isinstance(call(), Report), name
+    assert read_lora(lora).metadata["ss_output_name"] == "odd\\xff"
+    assert (out / "resized" / f"{odd}_spnckpt1_thr-9.safetensors").is_file()
+
+
+def test_the_cli_prints_reports_that_name_files_that_are_not_utf8(kit, tmp_path, monkeypatch):  # noqa: F811
+    """stdout is strict UTF-8 (PYTHONIOENCODING=utf-8, or any non-UTF-8 terminal): a report naming
+    such a file still prints, its bytes as \\xff, and exits 0."""
+    lora = tmp_path / os.fsdecode(b"\xff.safetensors")
+    try:
+        lora.write_bytes(Path(kit.lora).read_bytes())
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes no name that is not UTF-8")
+    for extra in ([], ["--json"]):
+        raw = io.BytesIO()
+        monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="utf-8", errors="strict"))
+        assert main(["inspect", str(lora), "--quiet", *extra]) == 0
+        sys.stdout.flush()
+        shown = raw.getvalue().decode("utf-8")
+        assert ("\\xff.safetensors" if not extra else "\\udcff.safetensors") in shown, shown[:300]
+        assert sys.stdout.errors == "strict"  # put back
+
+
+@pytest.mark.parametrize("parse, text", [
+    (parse_policy, "x" * 200_000), (parse_policy, "fro=" + "x" * 200_000), (parse_policy, "y" * 200_000 + "=1"),
+    (parse_policy, "a," * 100_000), (parse_recipes, "rank=" + "x" * 200_000), (parse_recipes, "a" * 200_000),
+    (parse_recipes, "rank=4," + "q" * 200_000 + "=1"), (parse_recipes, "spn_lora=" + "1e" * 100_000),
+    (parse_recipes, "sv_fro=x" + " " * 100_000 + "y"), (parse_diag, "1," + "x" * 99_000),
+])
+def test_a_long_input_is_quoted_short_in_its_error(parse, text):
+    """The error quotes a short prefix of what was typed, never all of it."""
+    with pytest.raises(OrthoLoraError) as err:
+        parse(text)
+    assert len(str(err.value)) < 400 and "..." in str(err.value), str(err.value)[:500]
+
+
+def test_quote():
+    assert quote("a  b\n c") == "'a b c'"
+    assert quote("x" * 100, 20) == repr("x" * 17 + "...")
+    assert quote("x" + " " * 500 + "y", 20) == repr("x...")  # cut before the end, though short when folded

@@ -24,11 +24,12 @@ import interop_util as IU
 import lorautil as U
 from lib_ortholora import fileio
 from lib_ortholora.cli import main
+from lib_ortholora.diag import bake_diag
 from lib_ortholora.errors import OrthoLoraError, printable
 from lib_ortholora.extract import extract_lora
 from lib_ortholora.fileio import open_tensors, safe_output_path
 from lib_ortholora.inspect import inspect_lora
-from lib_ortholora.join import bake_diag, join_loras
+from lib_ortholora.join import join_loras
 from lib_ortholora.lorafile import read_lora, write_lora
 from lib_ortholora.lowrank import LowRank
 from lib_ortholora.merge import merge_lora

@@ -1,4 +1,4 @@
-"""lib_ortholora.diag: spec parser, join metadata, diag vectors, up-column scaling."""
+"""lib_ortholora.diag (spec parser, diag vectors, up-column scaling) and lib_ortholora.joinmeta (join metadata)."""
 from __future__ import annotations
 
 import json
@@ -8,19 +8,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lib_ortholora.diag import (
-    MAX_DIAG_LENGTH,
-    DiagSpec,
-    JoinInfo,
-    JoinSource,
-    SliceIndex,
-    apply_diag_to_up,
-    diag_vector,
-    join_info_from_metadata,
-    make_join_metadata,
-    parse_diag,
-    safe_source_name,
-)
+from lib_ortholora.diag import MAX_DIAG_LENGTH, DiagSpec, apply_diag_to_up, diag_vector, layout_vectors, parse_diag
+from lib_ortholora.joinmeta import JoinInfo, JoinSource, SliceIndex, join_info_from_metadata, make_join_metadata
+from lib_ortholora.joinmeta import safe_source_name
 from lib_ortholora.errors import OrthoLoraError
 
 # --------------------------------------------------------------------------- parse_diag
@@ -216,7 +206,7 @@ def test_slice_index_one_vector_per_layout():
     info = join_info_from_metadata({"ortholora_join": make_join_metadata(SOURCES, ranks)})
     index = SliceIndex.of(info, ["lora_unet_a", "lora_te_b", "lora_unet_d"])
     assert index.groups == (((4, 2), ("lora_unet_a", "lora_unet_d")), ((0, 2), ("lora_te_b",)))
-    vs = index.vectors(parse_diag("krk@0.5"))
+    vs = layout_vectors(parse_diag("krk@0.5"), index)
     assert [v.tolist() for v in vs] == [[1, 1, 1, 1, 0.5, 0.5], [0.5, 0.5]]
     for (_, names), v in zip(index.groups, vs):
         for name in names:
@@ -224,7 +214,7 @@ def test_slice_index_one_vector_per_layout():
     with pytest.raises(OrthoLoraError, match="lora_unet_zzz"):
         SliceIndex.of(info, ["lora_unet_zzz"])
     with pytest.raises(OrthoLoraError, match="pixar"):
-        index.vectors(parse_diag("pixar@0"))
+        layout_vectors(parse_diag("pixar@0"), index)
 
 
 def test_diag_vector_per_slice():

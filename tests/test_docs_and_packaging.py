@@ -1,12 +1,18 @@
 """The repository stands alone and is packaged as documented: every `docs/…md#anchor` that code or
 docs cite exists, nothing points outside the repository, the README keeps one section of each
 kind and CI's test command, metadata.ini orders our scripts after the built-in Lora extension the
-way the webui reads it, and pyproject.toml builds the library with its `ortholora` command."""
+way the webui reads it, pyproject.toml builds the library with its `ortholora` command, and the
+module map in DESIGN.md matches the files."""
 from __future__ import annotations
 
 import configparser
 import importlib
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +107,61 @@ def test_pyproject_builds_the_library_and_the_ortholora_command(pytestconfig):
     assert getattr(importlib.import_module(module), attr) is importlib.import_module("lib_ortholora.cli").main
 
     assert any(m.startswith("slow:") for m in pytestconfig.getini("markers"))
+
+
+def test_the_module_map_lists_every_module_and_nothing_else():
+    """docs/DESIGN.md's module map names each module of lib_ortholora (`name`) and each subpackage
+    (`name/`) once, and nothing that is not there."""
+    text = (ROOT / "docs" / "DESIGN.md").read_text(encoding="utf-8")
+    section = text.split("\n## Module map", 1)[1].split("\n## ", 1)[0]
+    cells = re.findall(r"^\| ([^|]+) \|", section, flags=re.M)
+    listed = [name for cell in cells for name in re.findall(r"`([\w/]+)`", cell)]
+    package = ROOT / "lib_ortholora"
+    present = ({p.stem for p in package.glob("*.py") if p.stem != "__init__"}
+               | {f"{p.name}/" for p in package.iterdir() if (p / "__init__.py").is_file()})
+    assert len(listed) == len(set(listed)), listed
+    assert set(listed) == present, (sorted(set(listed) - present), sorted(present - set(listed)))
+
+
+def test_the_cli_and_the_benchmarks_list_their_modules(capsys, monkeypatch):
+    """COMMANDS and benchmarks.NAMES are explicit lists: each names a module of its package and
+    every module is named; `--help` shows the name the program was started by."""
+    from lib_ortholora import benchmarks, cli
+
+    for package, names in ((cli, cli.COMMANDS), (benchmarks, benchmarks.NAMES)):
+        modules = {p.stem for p in Path(package.__file__).parent.glob("*.py") if p.stem != "__init__"}
+        assert sorted(names) == sorted(modules) and len(names) == len(set(names)), package.__name__
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/ortholora", "--help"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert capsys.readouterr().out.startswith("usage: ortholora ")
+    shown = subprocess.run([sys.executable, "-m", "lib_ortholora", "--help"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: python -m lib_ortholora "), shown
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_tabs_css_and_javascript(tmp_path):
+    """`pip install .` gives the standalone UI the same style.css and javascript/*.js the webui injects
+    from the extension's top level (copied into the wheel at build time: one copy in the repository)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE", "requirements.txt", "style.css"):
+        shutil.copy2(ROOT / name, src / name)
+    for folder in ("lib_ortholora", "javascript"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", ".", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist")],
+                   cwd=src, check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(tmp_path / "site"), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    code = ("import json, lib_ortholora.ui.app as app; "
+            "print(json.dumps([app.__file__, app._asset('style.css'), app._asset('javascript', 'ortholora.js')]))")
+    shown = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    where, css, js = json.loads(shown.stdout.strip().splitlines()[-1])
+    assert Path(where).is_relative_to(tmp_path / "site")
+    assert css == (ROOT / "style.css").read_text(encoding="utf-8") and css
+    assert js == (ROOT / "javascript" / "ortholora.js").read_text(encoding="utf-8") and js

@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from lib_ortholora.diag import make_join_metadata
+from lib_ortholora.joinmeta import make_join_metadata
 
 HOOK = Path(__file__).resolve().parents[1] / "scripts" / "ortholora_hook.py"
 

@@ -10,13 +10,14 @@ import torch
 
 import lorautil as U
 from lib_ortholora.cli import main
-from lib_ortholora.diag import META_KEY, join_info_from_metadata
+from lib_ortholora.diag import apply_diag, bake_diag
 from lib_ortholora.errors import OrthoLoraError
-from lib_ortholora.join import apply_diag, bake_diag, exact_lowrank, join_loras, join_lowranks
-from lib_ortholora.keys import name_table
+from lib_ortholora.join import join_loras
+from lib_ortholora.joinmeta import META_KEY, join_info_from_metadata
 from lib_ortholora.lorafile import read_lora
-from lib_ortholora.lowrank import LowRank
+from lib_ortholora.lowrank import LowRank, concat
 from lib_ortholora.mix import mix_loras
+from lib_ortholora.sources import exact_lowrank
 
 F32 = torch.float32
 
@@ -24,8 +25,7 @@ F32 = torch.float32
 def deltas(path) -> dict[str, torch.Tensor]:
     """Every module's dW in its layer's shape (kohya-native names)."""
     lf = read_lora(path)
-    table = name_table(lf.arch)  # the tiny spec's shapes
-    return {n: m.delta().reshape(table[n].shape) for n, m in lf.modules.items()}
+    return {n: m.delta().reshape(m.shape) for n, m in lf.modules.items()}
 
 
 def weighted_sum(parts: list[dict[str, torch.Tensor]], ratios: list[float]) -> dict[str, torch.Tensor]:
@@ -53,12 +53,12 @@ def sources(tmp_path):
     return [U.save(tmp_path / f"{n}.safetensors", t) for n, t in files.items()]
 
 
-def test_join_lowranks_keeps_each_source_in_its_slice():
+def test_concat_keeps_each_source_in_its_slice():
     g = torch.Generator().manual_seed(0)
     a = LowRank(torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g), 0.5, (6, 5))
     b = LowRank(torch.randn(6, 3, generator=g), torch.randn(3, 5, generator=g), 2.0, (6, 5))
-    joined, ranks = join_lowranks([a, None, b], [1.5, 1.0, -0.25])
-    assert ranks == [2, 0, 3] and joined.scale == 1.0
+    joined, owner = concat([a, None, b], [1.5, 1.0, -0.25])
+    assert owner.tolist() == [0, 0, 2, 2, 2] and joined.scale == 1.0
     assert torch.allclose(joined.delta(), 1.5 * a.delta() - 0.25 * b.delta(), atol=1e-6)
     first = apply_diag(joined, torch.tensor([1.0, 1, 0, 0, 0]))
     assert torch.allclose(first.delta(), 1.5 * a.delta(), atol=1e-6)
@@ -77,8 +77,10 @@ def test_join_is_exact_and_records_slices(tmp_path, sources):
     assert info.names == ("disney", "krk", "kron")
     assert [s.ratio for s in info.sources] == ratios and info.sources[1].file == "krk.safetensors"
     inputs = [read_lora(p) for p in sources]
-    for name, module in read_lora(out).modules.items():  # a plain kohya LoRA with scale 1
-        assert module.family == "lora" and module.alpha == module.rank == info.total_rank(name)
+    joined = read_lora(out)
+    assert len({m.alpha for m in joined.modules.values()}) == 1  # a plain kohya LoRA, one alpha
+    for name, module in joined.modules.items():
+        assert module.family == "lora" and module.rank == info.total_rank(name)
         want = [exact_lowrank(lf.modules[name]).rank if name in lf.modules else 0
                 for lf in inputs]
         assert list(info.module_ranks(name)) == want

@@ -14,13 +14,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lib_ortholora import normcache
+from lib_ortholora import normcache, parallel
 from lib_ortholora.cli import main
 from lib_ortholora.errors import OrthoLoraError
 from lib_ortholora.fileio import SafetensorsFile, open_tensors
 from lib_ortholora.lorafile import read_lora
 from lib_ortholora.lowrank import LowRank
-from lib_ortholora.normcache import BaseCheckpoint, default_cache_dir, spectral_norm
+from lib_ortholora.normcache import BaseCheckpoint, spectral_norm
+from lib_ortholora.paths import cache_dir
 from lib_ortholora.outputs import OutputExists
 from lib_ortholora.resize import choose, output_path, resize_files, subspace_scale
 from lib_ortholora.svd import Factored, factor_svd as factor
@@ -249,9 +250,9 @@ def test_qkv_norms_use_the_row_block(pairs):
 
 def test_default_cache_dir_respects_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert default_cache_dir() == tmp_path / "ortholora"
+    assert cache_dir() == tmp_path / "ortholora"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert default_cache_dir() == Path.home() / ".cache" / "ortholora"
+    assert cache_dir() == Path.home() / ".cache" / "ortholora"
 
 
 def _lora(folder: Path, arch: str = "sd15", rank: int = 6, seed: int = 0, name: str = "lora", **kw) -> Path:
@@ -443,7 +444,7 @@ def test_parallel_map_keeps_order_and_draws_few_items_ahead():
                 yield i
 
         seen = []
-        for x in normcache.parallel_map(lambda i: (i, torch.get_num_threads()), items()):
+        for x in parallel.parallel_map(lambda i: (i, torch.get_num_threads()), items()):
             seen.append(x)
             assert len(drawn) <= len(seen) + 4  # two per worker
         assert [i for i, _ in seen] == list(range(20)) and {n for _, n in seen} == {1}
@@ -490,13 +491,13 @@ def test_full_rank_reproduces_the_delta(tmp_path):
         for out in (output_path(tmp_path / "out", src.stem, parse_recipe(r)) for r in ("rank=1000", "spn_lora=1,thr=-12")):
             after = read_lora(out).modules
             assert after.keys() == before.keys()
-            with normcache.layer_parallelism():  # many tiny dense references
+            with parallel.layer_parallelism():  # many tiny dense references
                 for name, m in before.items():
                     d = m.delta()
                     assert torch.allclose(after[name].delta(), d, rtol=0, atol=2e-5 * float(d.abs().max()))
 
 
-def test_outputs_are_balanced_with_alpha_equal_to_rank_and_metadata(tmp_path):
+def test_outputs_are_balanced_with_one_alpha_and_metadata(tmp_path):
     meta = {"ss_num_epochs": "7", "ss_training_comment": "hi", "sshs_model_hash": "f" * 64,
             "ss_sd_model_hash": "abc", "ss_network_args": '{"conv_dim": "8"}', "modelspec.author": "me",
             "modelspec.hash_sha256": "0x" + "1" * 64}
@@ -510,7 +511,7 @@ def test_outputs_are_balanced_with_alpha_equal_to_rank_and_metadata(tmp_path):
             if key.endswith(".alpha"):
                 name = key[: -len(".alpha")]
                 down, up = f.get(name + ".lora_down.weight").float(), f.get(name + ".lora_up.weight").float()
-                assert float(f.get(key)) == down.shape[0]
+                assert float(f.get(key)) == float(md["ss_network_alpha"])  # one alpha for the file
                 assert torch.allclose(up.flatten(1).norm(dim=0), down.flatten(1).norm(dim=1), rtol=2e-3)
     assert md["ss_network_dim"] == "Dynamic" and md["ortholora_resize_recipe"] == "sv_ratio=3"
     assert md["ss_num_epochs"] == "7" and md["ss_training_comment"] == "hi" and md["modelspec.author"] == "me"
@@ -530,7 +531,7 @@ def test_base_scores_select_what_their_definition_says(pairs, tmp_path):
     recipes = "spn_ckpt=1,thr=-1.3:fro_ckpt=1,thr=-2:subspace=1,thr=0.3"
     rep = resize_files([lora], tmp_path / "out", recipes, base, cache_dir=tmp_path / "c")
     rows = {(r.extra["recipe"], r.module): r for r in rep.rows}
-    with open_tensors(base) as f, normcache.layer_parallelism():
+    with open_tensors(base) as f, parallel.layer_parallelism():
         for name, m in read_lora(lora).modules.items():
             lr = m.lowrank()
             u, s, vh = torch.linalg.svd(dense(lr).reshape(lr.shape[0], -1))

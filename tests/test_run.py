@@ -11,11 +11,12 @@ import torch
 
 from lib_ortholora.extract import extract_lora
 from lib_ortholora.inspect import inspect_lora
-from lib_ortholora.join import bake_diag, join_loras
+from lib_ortholora.diag import bake_diag
+from lib_ortholora.join import join_loras
 from lib_ortholora.merge import merge_lora
 from lib_ortholora.mix import mix_loras
-from lib_ortholora.normcache import layer_parallelism
 from lib_ortholora.ortho import ortho_lora
+from lib_ortholora.parallel import layer_parallelism
 from lib_ortholora.report import Status
 from lib_ortholora.resize import resize_files
 from test_bad_inputs import kit  # noqa: F401 - the fixture

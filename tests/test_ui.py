@@ -257,10 +257,6 @@ def test_ortho_alignment_heatmap(cfg, models):
 @pytest.mark.slow
 def test_resize_with_recipes(cfg, models, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # base-norm cache
-    if not ops.resize_available():
-        o = tab_resize.run(cfg, ["demo_style.safetensors"], "rank=4")
-        assert not o.ok and "not available" in o.status
-        return
     o = tab_resize.run(cfg, ["demo_style.safetensors", "demo_joined.safetensors"], "rank=4:sv_fro=0.9")
     assert o.ok, o.status
     for name in ("demo_style_rank4", "demo_joined_rank4", "demo_style_svfro0.9", "demo_joined_svfro0.9"):

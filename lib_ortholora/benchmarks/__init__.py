@@ -1,6 +1,6 @@
 """Benchmarks (not tests): wall time and peak RSS of each operation on full-size synthetic data.
 
-Each module of this package is one benchmark with
+Each module of this package named in NAMES is one benchmark with
   `prepare(workdir: Path, arch: str, full: bool) -> dict`   (build inputs; not measured), and
   `measure(workdir: Path, arch: str, prepared: dict) -> dict` (the measured work; returns figures).
 `measure` runs in a fresh child process so that its peak RSS is its own. Both write into a work
@@ -9,7 +9,6 @@ folder that is new, empty or made by an earlier benchmark run (see `work_folder`
 from __future__ import annotations
 
 import multiprocessing as mp
-import pkgutil
 import resource
 import time
 from importlib import import_module
@@ -18,7 +17,7 @@ from pathlib import Path
 from ..errors import OrthoLoraError
 
 MARKER = ".ortholora-bench"  # in every work folder a benchmark made: its files are ours to replace
-NAMES = tuple(m.name for m in pkgutil.iter_modules(__path__))
+NAMES = ("extract", "merge", "ortho", "resize", "toggle")
 
 
 def peak_rss_mb() -> float:

@@ -9,10 +9,11 @@ import torch
 from . import peak_rss_mb
 from ..extract import extract_lora
 from ..fileio import open_tensors
-from ..keys import targets
+from ..keys import rows_of, targets
 from ..arch import detect
 from ..lorafile import read_lora
 from ..lowrank import rel_error
+from ..shapes import as_matrix
 from ..synth import write_pair
 from ..svd import exact_svd
 
@@ -35,8 +36,8 @@ def _accuracy(prepared: dict) -> dict:
         tgts = [t for t in targets(detect(shapes), shapes, conv=False) if t.name in lora.modules]
         ratios = []
         for t in tgts[:: max(1, len(tgts) // SAMPLE)]:
-            rows = slice(*t.rows) if t.rows else slice(None)
-            d = (tuned.get(t.ckpt_key)[rows].float() - base.get(t.ckpt_key)[rows].float()).reshape(t.shape[0], -1)
+            w0, w1 = rows_of(base.get(t.ckpt_key), t.rows), rows_of(tuned.get(t.ckpt_key), t.rows)
+            d = as_matrix(w1.float() - w0.float())
             u, s, vh = exact_svd(d)
             r = lora.modules[t.name].rank
             best = rel_error((u[:, :r] * s[:r]) @ vh[:r], d)

@@ -20,9 +20,11 @@ from types import SimpleNamespace
 import torch
 
 from ..arch import Arch, spec
-from ..diag import SliceIndex, apply_diag_to_up, join_info_from_metadata, make_join_metadata, parse_diag
+from ..diag import apply_diag_to_up, layout_vectors, parse_diag
+from ..joinmeta import SliceIndex, join_info_from_metadata, make_join_metadata
 from ..keys import targets
 from ..lowrank import rel_error
+from ..shapes import matrix_shape
 
 SOURCES = [{"name": "style", "file": "style.safetensors", "ratio": 1.0},
            {"name": "krk", "file": "krk.safetensors", "ratio": 1.0}]
@@ -45,7 +47,7 @@ def _loaded(arch: str, div: int) -> tuple[list, dict]:
     modules, buffers = [], {}
     for i, t in enumerate(targets(Arch(arch), spec(arch, div))):
         ranks = (4 + i % 5, 4)
-        inner = math.prod(t.shape[1:])
+        inner = matrix_shape(t.shape)[1]
         if t.shape not in buffers:
             w0 = torch.randn(t.shape, generator=g) * 0.02
             buffers[t.shape] = SimpleNamespace(weight=w0.clone(), network_weights_backup=w0)
@@ -61,7 +63,7 @@ def _loaded(arch: str, div: int) -> tuple[list, dict]:
 
 def _toggle(index: SliceIndex, groups: list[list], text: str) -> None:
     """The hook's per-toggle work (update_network, the webui bookkeeping aside)."""
-    vectors = index.vectors(parse_diag(text))
+    vectors = layout_vectors(parse_diag(text), index)
     for mods, v in zip(groups, vectors):
         for m in mods:
             m.ortholora_v = v

@@ -1,25 +1,27 @@
-"""Command line: `python -m lib_ortholora <command> …`. Every module of this package is one command,
-with `add(subparsers)` registering its parser and `run(args) -> Report | None`; `args.progress` is
-the progress bar (None with --quiet). Bad input prints one `error:` line and exits 2; Ctrl-C,
-SIGTERM and SIGHUP stop the run keeping no partial output and exit 128 + the signal number."""
+"""Command line: `ortholora <command> …` or `python -m lib_ortholora <command> …`. Each module of this
+package named in COMMANDS is one command, with `add(subparsers)` registering its parser and
+`run(args) -> Report | None`; `args.progress` is the progress bar (None with --quiet). Bad input
+prints one `error:` line and exits 2; Ctrl-C, SIGTERM and SIGHUP stop the run keeping no partial
+output and exit 128 + the signal number. What stdout cannot encode (the bytes of a non-UTF-8 file
+name) is written as backslash escapes."""
 from __future__ import annotations
 
 import argparse
 import importlib
-import pkgutil
 import signal
 import sys
 import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-from ..arguments import OUTPUT_DTYPES as DTYPES
-from ..errors import OrthoLoraError
+from ..dtypes import OUTPUT_DTYPES as DTYPES
+from ..errors import OrthoLoraError, printable
 from ..outputs import OutputExists
 from ..progress import TextBar
 from ..report import Report
 
-ORDER = ("demo", "extract", "inspect", "merge", "join", "mix", "diag", "resize", "ortho", "synth", "bench", "ui")
+COMMANDS = ("demo", "extract", "inspect", "merge", "join", "mix", "diag", "resize", "ortho", "synth", "bench", "ui")
+"""The commands, in the order `--help` lists them (each a module of this package)."""
 
 
 def common(p: argparse.ArgumentParser, output: bool = True) -> None:
@@ -39,15 +41,18 @@ def dtype_arg(p: argparse.ArgumentParser, default: str = "fp16") -> None:
 
 
 def show(report: Report, args: argparse.Namespace) -> None:
-    print(report.to_json() if getattr(args, "json", False) else report.render(max_rows=60))
+    """The report on stdout (a non-UTF-8 file name's bytes shown `\\xff`, as in error lines)."""
+    print(printable(report.to_json() if getattr(args, "json", False) else report.render(max_rows=60)))
 
 
-def parser() -> tuple[argparse.ArgumentParser, dict]:
-    p = argparse.ArgumentParser(prog="python -m lib_ortholora", description=__doc__.split("\n")[0])
+def parser(prog: str | None = None) -> tuple[argparse.ArgumentParser, dict]:
+    """The parser (`prog`: the name `--help` shows; None: the program's own, as argparse takes it)
+    and each command's `run`."""
+    p = argparse.ArgumentParser(prog=prog, description="Command line of lib_ortholora, a LoRA toolbox for "
+                                                       "Stable Diffusion 1.x, 2.x and SDXL.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     runners = {}
-    found = {m.name for m in pkgutil.iter_modules(__path__)}
-    for name in sorted(found, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n)):
+    for name in COMMANDS:
         module = importlib.import_module(f"{__name__}.{name}")
         module.add(sub)
         runners[name] = module.run
@@ -80,8 +85,29 @@ def stopped_by_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p, runners = parser()
+@contextmanager
+def lenient_stdout() -> Iterator[None]:
+    """Inside, stdout writes what its encoding cannot hold as backslash escapes instead of failing
+    (a report that prints a non-UTF-8 file name); its error handler is put back afterwards."""
+    out = sys.stdout
+    errors = getattr(out, "errors", None)
+    if not hasattr(out, "reconfigure") or errors in (None, "backslashreplace"):
+        yield
+        return
+    out.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        out.reconfigure(errors=errors)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    with lenient_stdout():
+        return _main(argv, prog)
+
+
+def _main(argv: list[str] | None, prog: str | None) -> int:
+    p, runners = parser(prog)
     args = p.parse_args(argv)
     args.progress = None if getattr(args, "quiet", True) else TextBar(args.command)
 

@@ -5,6 +5,7 @@ import tempfile
 from pathlib import Path
 
 from .. import benchmarks
+from ..arch import ARCHS
 from ..errors import OrthoLoraError
 from ..report import Report, Row
 from . import common
@@ -13,7 +14,7 @@ from . import common
 def add(sub) -> None:
     p = sub.add_parser("bench", help="benchmark an operation on full-size synthetic data (not a test)")
     p.add_argument("name", choices=benchmarks.NAMES)
-    p.add_argument("--arch", choices=("sd15", "sd2", "sdxl"), default="sd15")
+    p.add_argument("--arch", choices=ARCHS, default="sd15")
     p.add_argument("--small", action="store_true", help="tiny widths (a smoke run, not a benchmark)")
     p.add_argument("--workdir", help="keep inputs here (reused between runs): a new or empty folder, or one an "
                                      "earlier benchmark made (others need --overwrite); default: a temp folder")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import tempfile
 
+from ..arch import ARCHS
 from ..demo import run_demo
 from . import common
 
@@ -10,7 +11,7 @@ from . import common
 def add(sub) -> None:
     p = sub.add_parser("demo", help="run the built-in demo on tiny synthetic models (no downloads)")
     p.add_argument("-o", "--out", help="folder for the demo files (default: a temporary folder)")
-    p.add_argument("--arch", choices=("sd15", "sd2", "sdxl"), default="sd15")
+    p.add_argument("--arch", choices=ARCHS, default="sd15")
     common(p)
 
 

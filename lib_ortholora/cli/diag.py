@@ -1,7 +1,7 @@
 """`diag`: bake a per-rank or per-slice diag into a new LoRA (zeroed directions leave the file)."""
 from __future__ import annotations
 
-from ..join import bake_diag
+from ..diag import bake_diag
 from . import DTYPES, common
 
 

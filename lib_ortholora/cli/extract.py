@@ -18,6 +18,9 @@ def add(sub) -> None:
                    help="leave resnet and sampler layers out (no LoCon)")
     p.add_argument("--skip", type=float, default=1e-6, help="skip (and report) layers with max|ΔW| ≤ this")
     p.add_argument("--svd", choices=SVD_METHODS, default="auto")
+    p.add_argument("--prediction", choices=("auto", "epsilon", "v"), default="auto",
+                   help="the tuned model's prediction type, recorded in the metadata (auto: from its metadata, "
+                        "a v_pred key, the file name, then SD2's weight statistic)")
     device_arg(p)
     dtype_arg(p)
     common(p)
@@ -26,4 +29,5 @@ def add(sub) -> None:
 def run(args):
     return extract_lora(args.base, args.tuned, args.rank, save_path=args.out, conv_rank=args.conv_rank,
                         conv=args.conv, skip=args.skip, device=args.device, svd=args.svd, dtype=DTYPES[args.dtype],
-                        overwrite=args.overwrite, progress=args.progress)
+                        overwrite=args.overwrite, prediction=args.prediction,
+                        progress=args.progress)

@@ -8,10 +8,11 @@ def add(sub) -> None:
     p = sub.add_parser("ui", help="serve the LoRA Toolbox tab standalone (needs gradio)",
                        description="Serves the webui tab on its own. --models DIR uses the webui layout "
                                    "(DIR/Lora, DIR/Stable-diffusion); without it, tiny synthetic demo models "
-                                   "are built once under ~/.cache/ortholora/demo-models. The HTTP API is served "
-                                   "under /ortholora/v1 too. Requests must name the server as --host does (with "
-                                   "0.0.0.0: any address of this machine; other names with --allow-host), come from "
-                                   "the tab's own page or from no page (scripts), and send JSON.")
+                                   "are built once under $XDG_CACHE_HOME/ortholora/demo-models (default "
+                                   "~/.cache/ortholora/demo-models). The HTTP API is served under /ortholora/v1 "
+                                   "too. Requests must name the server as --host does (with 0.0.0.0: any address "
+                                   "of this machine; other names with --allow-host), come from the tab's own page or "
+                                   "from no page (scripts), and send JSON.")
     p.add_argument("--models", metavar="DIR", help="models folder (default: the demo models)")
     p.add_argument("--port", type=int, help="port (default: gradio's, 7860 or the next free one)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only; "

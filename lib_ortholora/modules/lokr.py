@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..lowrank import LowRank
+from ..shapes import as_matrix
 from .base import NetworkModule, alpha_of, one_spelling, register
 from .loha import Factors, tucker_factors
 
@@ -82,11 +83,11 @@ class LoKrModule(NetworkModule):
     def _w2_factors(self) -> Factors:
         if "lokr_w2" in self.w:
             w2 = self.w["lokr_w2"].float()
-            return _identity_split(w2.reshape(w2.shape[0], -1))
+            return _identity_split(as_matrix(w2))
         a, b = self.w["lokr_w2_a"], self.w["lokr_w2_b"]
         if "lokr_t2" in self.w:
             return tucker_factors(self.w["lokr_t2"], a, b)
-        return a.float(), b.float().reshape(b.shape[0], -1)
+        return a.float(), as_matrix(b.float())
 
     def lowrank(self) -> LowRank:
         (u1, v1), (u2, v2) = self._w1_factors(), self._w2_factors()

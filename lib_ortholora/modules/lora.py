@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..lowrank import LowRank
+from ..shapes import as_matrix
 from .base import NetworkModule, alpha_of, one_spelling, register
 
 _DOWN = ("lora_down.weight", "lora_A.weight", "lora.down.weight")
@@ -46,10 +47,9 @@ class LoRAModule(NetworkModule):
 
     def lowrank(self) -> LowRank:
         r = self._rank
-        up = self.up.float().reshape(self.up.shape[0], -1)
+        up = as_matrix(self.up.float())
         if self.mid is None:
-            down = self.down.float().reshape(r, -1)
+            down = as_matrix(self.down.float())
         else:
-            d = self.down.float().reshape(self.down.shape[0], -1)
-            down = torch.einsum("abhw,bi->aihw", self.mid.float(), d).reshape(self.mid.shape[0], -1)
+            down = as_matrix(torch.einsum("abhw,bi->aihw", self.mid.float(), as_matrix(self.down.float())))
         return LowRank(up, down, self._alpha / r, self.shape)

@@ -45,13 +45,6 @@ def queue(blocks, workers: int = 4):
     return blocks.queue(concurrency_count=workers)
 
 
-def event_kwargs(**kwargs) -> dict:
-    """Event options valid on this version (e.g. `concurrency_limit` exists only in gradio 4)."""
-    if major() < 4:
-        kwargs.pop("concurrency_limit", None)
-    return kwargs
-
-
 def temp_dir() -> Path:
     """Where gradio (3.41 and 4.x) writes the files it serves itself: GRADIO_TEMP_DIR or <tmp>/gradio."""
     return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")

@@ -8,10 +8,9 @@ from pathlib import Path
 
 from ..errors import OrthoLoraError
 from ..fileio import safe_output_path
+from ..paths import CHECKPOINT_SUFFIXES, LORA_SUFFIXES
 from .config import UiConfig
 
-LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
-CKPT_SUFFIXES = (".safetensors", ".ckpt")
 OVERWRITE_HINT = "tick “Overwrite existing files” (API: \"overwrite\": true) to replace it"
 
 
@@ -88,7 +87,7 @@ class Folders:
                 found = {}
         known = {_same(p) for p in found.values()}
         for folder in self.cfg.ckpt_dirs:
-            for label, path in _walk(folder, CKPT_SUFFIXES).items():
+            for label, path in _walk(folder, CHECKPOINT_SUFFIXES).items():
                 if _same(path) not in known and label not in found:
                     found[label] = path
                     known.add(_same(path))

@@ -8,7 +8,6 @@ raises `OrthoLoraError`; outputs follow the core's policy (`outputs`: an existin
 so keep them to str / int / float / bool / list[...] / None unions."""
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Callable
 
@@ -53,9 +52,9 @@ def _ratios(value, what: str):
 
 def extract(cfg: UiConfig, *, base: str, tuned: str, out: str, rank: str | int | None = None,
             conv_rank: str | int | None = None, conv: bool = True, skip: float = 1e-6, svd: str = "auto",
-            device: str | None = None, dtype: str | None = None, overwrite: bool = False,
-            progress: Progress | None = None) -> Report:
-    """Base + tuned checkpoint → LoRA in the LoRA folder."""
+            device: str | None = None, dtype: str | None = None, prediction: str = "auto",
+            overwrite: bool = False, progress: Progress | None = None) -> Report:
+    """Base + tuned checkpoint → LoRA in the LoRA folder (`prediction`: epsilon, v, or auto-detected)."""
     from ..extract import extract_lora
 
     f = Folders(cfg)
@@ -66,7 +65,8 @@ def extract(cfg: UiConfig, *, base: str, tuned: str, out: str, rank: str | int |
     return extract_lora(base_path, tuned_path, _policy_text(cfg, rank), save_path=f.lora_output(out),
                         conv_rank=conv_text or None, conv=conv, skip=skip,
                         device=choice(device or cfg.current_defaults().device, DEVICES, "device"),
-                        svd=svd, dtype=_dtype(cfg, dtype), overwrite=overwrite, progress=progress)
+                        svd=svd, dtype=_dtype(cfg, dtype), prediction=prediction, overwrite=overwrite,
+                        progress=progress)
 
 
 def merge(cfg: UiConfig, *, base: str, loras: list[str], out: str, multiplier: float | list[float] | str = 1.0,
@@ -110,7 +110,7 @@ def mix(cfg: UiConfig, *, loras: list[str], out: str, rank: str | int | None = N
 def diag(cfg: UiConfig, *, lora: str, spec: str, out: str, keep_zero: bool = False, dtype: str | None = None,
          overwrite: bool = False, progress: Progress | None = None) -> Report:
     """Bake a per-rank / per-slice diag into a new LoRA (the input's dtype unless given)."""
-    from ..join import bake_diag
+    from ..diag import bake_diag
 
     f = Folders(cfg)
     return bake_diag(f.lora(lora), spec, f.lora_output(out), keep_zero=keep_zero, dtype=_dtype(cfg, dtype, keep=True),
@@ -141,23 +141,12 @@ def inspect(cfg: UiConfig, *, file: str, arch: str | None = None, full_metadata:
     return inspect_lora(path, None if arch in ("", "auto") else arch, full_metadata=full_metadata, progress=progress)
 
 
-def resize_available() -> bool:
-    """Whether the core has its resize module (older cores: the tab shows a note instead)."""
-    try:
-        importlib.import_module("lib_ortholora.resize")
-    except ImportError:
-        return False
-    return True
-
-
 def resize(cfg: UiConfig, *, loras: list[str] | str, recipes: str, ckpt: str | None = None, arch: str | None = None,
            dtype: str | None = None, overwrite: bool = False, progress: Progress | None = None) -> Report:
     """Resize LoRAs with recipes (`sv_fro=0.99`, `rank=16`, `spn_ckpt=1,thr=-1.2`, several separated by
     ':'); outputs `<stem>_<recipe tag>` in the LoRA folder. `ckpt`: the base checkpoint that the
     *_ckpt / subspace scores need. All or nothing: any file failing leaves no output."""
-    if not resize_available():
-        raise OrthoLoraError("resize is not available in this version of the toolbox")
-    core = importlib.import_module("lib_ortholora.resize")
+    from ..resize import resize_files
     from ..scores import parse_recipes
 
     f = Folders(cfg)
@@ -167,8 +156,8 @@ def resize(cfg: UiConfig, *, loras: list[str] | str, recipes: str, ckpt: str | N
     needs = [r.text for r in parsed if r.uses_ckpt]
     if needs and base is None:
         raise OrthoLoraError(f"recipe {needs[0]} needs the base checkpoint; choose one")
-    return core.resize_files(paths, cfg.lora_dir, parsed, base, arch=None if arch in ("", "auto") else arch,
-                             dtype=_dtype(cfg, dtype), overwrite=overwrite, progress=progress)
+    return resize_files(paths, cfg.lora_dir, parsed, base, arch=None if arch in ("", "auto") else arch,
+                        dtype=_dtype(cfg, dtype), overwrite=overwrite, progress=progress)
 
 
 OPERATIONS: dict[str, Callable[..., Report]] = {

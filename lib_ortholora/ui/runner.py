@@ -44,10 +44,6 @@ class Outcome:
     written: list[Path] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def message(self) -> str:
-        return self.status
-
 
 class CancelRegistry:
     """One cancel flag per (browser session, operation). The lock guards only the dict."""
@@ -84,10 +80,8 @@ class ProgressBridge:
                  interval: float = 0.1):
         self.ui, self.cancel, self.label, self.interval = ui_progress, cancel, label, interval
         self._last = 0.0
-        self.calls = 0
 
     def __call__(self, done: int, total: int, what: str) -> None:
-        self.calls += 1
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled()
         now = time.monotonic()

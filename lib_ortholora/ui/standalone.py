@@ -1,6 +1,6 @@
 """The tab without the webui: `python -m lib_ortholora ui [--models DIR]`. DIR has the webui's
 layout (DIR/Lora, DIR/Stable-diffusion); without it a demo folder of tiny synthetic models is built
-once (~/.cache/ortholora/demo-models, or a temporary folder).
+once (`demo-models` in the cache folder, `paths.cache_dir`, or a temporary folder).
 
 Every request passes `guard.RequestGuard` (gradio's page, queue, websocket and file routes as well
 as the API): only Host names of the address served, no other origin, JSON bodies only, and
@@ -19,6 +19,7 @@ from typing import Iterable
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from ..errors import OrthoLoraError  # noqa: E402
+from ..paths import cache_dir  # noqa: E402
 from ..progress import Progress  # noqa: E402
 from .config import UiConfig  # noqa: E402
 from .guard import RequestPolicy, normalize_name  # noqa: E402
@@ -29,8 +30,8 @@ DEMO_MARK = ".ortholora-demo-v1"
 
 
 def default_demo_dir() -> Path:
-    """~/.cache/ortholora/demo-models when it can be written, else a temporary folder."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ortholora" / "demo-models"
+    """`demo-models` in the cache folder when it can be written, else a temporary folder."""
+    cache = cache_dir("demo-models")
     try:
         cache.mkdir(parents=True, exist_ok=True)
         probe = cache / ".write-test"

@@ -7,7 +7,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..arch import ARCHS
-from ..diag import join_info_from_metadata
+from ..joinmeta import join_info_from_metadata
 from ..errors import OrthoLoraError
 from ..lorafile import read_lora
 from . import compat, ops, views

@@ -30,9 +30,6 @@ def run(cfg: UiConfig, loras, recipes=DEFAULT_RECIPES, ckpt=NONE, arch="auto", d
 
 def build(ctx) -> None:
     d = ctx.defaults
-    if not ops.resize_available():
-        gr.Markdown("Resizing is not available in this version of the toolbox.")
-        return
     gr.Markdown("Shrink LoRAs: every layer's exact singular values come from its factors, and a recipe decides "
                 "what to keep. Each LoRA × recipe is written as `NAME_<recipe>` into the LoRA folder.")
     loras = ctx.lora_picker(OP, "LoRAs", multiselect=True)
