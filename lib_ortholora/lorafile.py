@@ -18,7 +18,7 @@ from .errors import OrthoLoraError
 from .arch import ARCH_NAMES, detect
 from .fileio import SafetensorsWriter, TensorFile, TensorSpec, all_finite, check_finite, layout_order, open_tensors
 from .keys import guess_arch, name_table, resolve
-from .lowrank import LowRank
+from .lowrank import LowRank, kohya_layout
 from .modules import NetworkModule, build_module, suffix_of
 from .shapes import as_matrix, matrix_shape
 
@@ -315,10 +315,12 @@ def lora_metadata(arch: str, lowranks: Mapping[str, LowRank], title: str, extra:
 
 class LoraWriter:
     """One kohya LoRA file (the file's one alpha, `file_alpha`, and factors as `LowRank.to_kohya`
-    writes them, `lora_metadata`, fresh sshs hashes) written module by module: every module's shape and rank are given up front
-    (the header holds them all), then `add(name, lowrank)` in the order of `names` (sorted: the
-    file's layout is safetensors' own when all tensors share a dtype), each written at once.
-    `close()` (or leaving the `with` block) finishes the file; `metadata` is then final."""
+    writes them, `lora_metadata`, fresh sshs hashes) written module by module: every module's shape
+    and rank are given up front (the header holds them all), then each module in the order of
+    `names` (sorted: the file's layout is safetensors' own when all tensors share a dtype), written
+    at once: `add(name, lowrank)`, or `write(name, encode(name, lowrank))` where the encoding (the
+    costly part, thread-safe) runs on worker threads. `close()` (or leaving the `with` block)
+    finishes the file; `metadata` is then final."""
 
     def __init__(self, path: str | Path, layout: Mapping[str, tuple[tuple[int, ...], int]], arch: str,
                  dtype: torch.dtype = torch.float16, extra_metadata: dict[str, str] | None = None,
@@ -329,8 +331,9 @@ class LoraWriter:
             raise OrthoLoraError("nothing to write: every module was skipped or empty", self.path)
         shapes = {n: _meta_lowrank(*layout[n]) for n in self.names}
         self.alpha = file_alpha(shapes)
-        self._specs = {n: sorted((TensorSpec(k, t.dtype, tuple(t.shape))
-                                  for k, t in shapes[n].to_kohya(n, dtype, self.alpha).items()),
+        self._specs = {n: sorted((TensorSpec(k, dt, shape)
+                                  for k, (dt, shape) in kohya_layout(n, layout[n][0], layout[n][1], dtype,
+                                                                     self.alpha).items()),
                                  key=layout_order) for n in self.names}
         self._ranks = {n: layout[n][1] for n in self.names}
         self._next = 0
@@ -345,19 +348,31 @@ class LoraWriter:
     def __exit__(self, *exc) -> None:
         self._writer.__exit__(*exc)
 
-    def add(self, name: str, lr: LowRank) -> None:
-        """Write module `name` (the next of `names`), of the rank announced for it."""
-        if self._next >= len(self.names) or name != self.names[self._next]:
-            raise OrthoLoraError(f"module {name} written out of order", self.path)
+    def encode(self, name: str, lr: LowRank) -> dict[str, torch.Tensor]:
+        """Module `name`'s tensors as the file holds them, after checking its rank is the one
+        announced and that they fit the dtype."""
+        if name not in self._ranks:
+            raise OrthoLoraError(f"module {name} was not announced", self.path)
         if lr.rank != self._ranks[name]:
             raise OrthoLoraError(f"module {name} has rank {lr.rank}, not the {self._ranks[name]} announced", self.path)
         tensors = lr.to_kohya(name, self.dtype, self.alpha)
-        for spec in self._specs[name]:
-            if not all_finite(tensors[spec.name]):
-                raise OrthoLoraError(f"tensor {spec.name} overflows {torch_name(self.dtype)}; "
+        for key, t in tensors.items():
+            if not all_finite(t):
+                raise OrthoLoraError(f"tensor {key} overflows {torch_name(self.dtype)}; "
                                      "choose a wider output dtype", self.path)
+        return tensors
+
+    def write(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Write module `name` (the next of `names`) from its `encode`d tensors."""
+        if self._next >= len(self.names) or name != self.names[self._next]:
+            raise OrthoLoraError(f"module {name} written out of order", self.path)
+        for spec in self._specs[name]:
             self._writer.write(spec.name, tensors[spec.name])
         self._next += 1
+
+    def add(self, name: str, lr: LowRank) -> None:
+        """Write module `name` (the next of `names`), of the rank announced for it."""
+        self.write(name, self.encode(name, lr))
 
     def close(self) -> dict[str, str]:
         self.metadata = self._writer.close()
@@ -365,7 +380,7 @@ class LoraWriter:
 
 
 def _meta_lowrank(shape: tuple[int, ...], rank: int) -> LowRank:
-    """A LowRank of this shape and rank without data (meta tensors): what the header needs."""
+    """A LowRank of this shape and rank without data (meta tensors): what the metadata needs."""
     out, inner = matrix_shape(shape)
     return LowRank(torch.empty(out, rank, device="meta"), torch.empty(rank, inner, device="meta"), 1.0, tuple(shape))
 

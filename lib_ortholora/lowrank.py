@@ -38,19 +38,28 @@ class LowRank:
         return abs(self.scale) * math.sqrt(max(float(g.sum()), 0.0))
 
     def to_kohya(self, name: str, dtype: torch.dtype, alpha: float | None = None) -> dict[str, torch.Tensor]:
-        """kohya tensors for `alpha` (default: the rank). The file's scale is alpha/r, so the factors
-        carry the rest: up·down = (r/alpha)·scale·up₀·down₀, split evenly (√ on each side, the sign on up)."""
+        """kohya tensors for `alpha` (default: the rank), laid out as `kohya_layout` says. The file's
+        scale is alpha/r, so the factors carry the rest: up·down = (r/alpha)·scale·up₀·down₀, split
+        evenly (√ on each side, the sign on up)."""
         r = self.rank
         alpha = float(r) if alpha is None else float(alpha)
         root = math.sqrt(abs(self.scale) * r / alpha)
+        layout = kohya_layout(name, self.shape, r, dtype, alpha)
         up = self.up.float() * (root if self.scale >= 0 else -root)
         down = self.down.float() * root
-        if len(self.shape) == 4:
-            down = down.reshape(r, self.shape[1], self.shape[2], self.shape[3])
-            up = up.reshape(self.shape[0], r, 1, 1)
-        return {f"{name}.lora_down.weight": down.to(dtype).contiguous(),
-                f"{name}.lora_up.weight": up.to(dtype).contiguous(),
+        return {f"{name}.lora_down.weight": down.reshape(layout[f"{name}.lora_down.weight"][1]).to(dtype).contiguous(),
+                f"{name}.lora_up.weight": up.reshape(layout[f"{name}.lora_up.weight"][1]).to(dtype).contiguous(),
                 f"{name}.alpha": _alpha_tensor(alpha, dtype)}
+
+
+def kohya_layout(name: str, shape: tuple[int, ...], rank: int, dtype: torch.dtype, alpha: float
+                 ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """key → (dtype, shape) of the kohya tensors `LowRank.to_kohya` writes for a layer of `shape`:
+    down [r, in(, k, k)], up [out, r(, 1, 1)], alpha [] (float32 where `dtype` cannot hold it)."""
+    conv = len(shape) == 4
+    return {f"{name}.lora_down.weight": (dtype, (rank, *shape[1:]) if conv else (rank, math.prod(shape[1:]))),
+            f"{name}.lora_up.weight": (dtype, (shape[0], rank, 1, 1) if conv else (shape[0], rank)),
+            f"{name}.alpha": (_alpha_tensor(alpha, dtype).dtype, ())}
 
 
 def _alpha_tensor(alpha: float, dtype: torch.dtype) -> torch.Tensor:

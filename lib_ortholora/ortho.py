@@ -125,7 +125,7 @@ class Layer:
     @classmethod
     def of(cls, parts: Sequence[LowRank | None]) -> Layer:
         lr, owner = concat(parts, dtype=torch.float64)
-        return cls(lr, owner, gram(lr.up), gram(lr.down.T), len(parts))
+        return cls(lr, owner, gram(lr.up), gram(lr.down, rows=True), len(parts))
 
     def gram(self) -> torch.Tensor:
         """G_ij = ⟨dW_i, dW_j⟩ [K, K] (align.gram_of_grams)."""
@@ -398,10 +398,6 @@ def _write_outputs(run: Run, targets: dict[tuple[str, int], Path], files: list[L
     names = sorted(name for name, plan in plans.items() if any(r for r, _ in plan))
     write = run.phase("write", len(names))
 
-    def work(name: str) -> tuple[str, list[LowRank | None]]:
-        return name, _layer(name, layers[name], files).form(output_weights(sols[name], keys),
-                                                            [r for r, _ in plans[name]])
-
     kind = prediction.common([f.metadata for f in files])
     with ExitStack() as stack:
         writers = {}
@@ -412,8 +408,13 @@ def _write_outputs(run: Run, targets: dict[tuple[str, int], Path], files: list[L
                                                               _metadata(key, files, sols, opts), prediction=kind))
             else:
                 run.not_written(targets[key], "it is zero in every layer")
-        for name, made in parallel_map(work, names):
-            for key, lr in zip(keys, made):
-                if lr is not None:
-                    writers[key].add(name, lr)
+
+        def work(name: str) -> tuple[str, list[dict[str, torch.Tensor] | None]]:
+            made = _layer(name, layers[name], files).form(output_weights(sols[name], keys), [r for r, _ in plans[name]])
+            return name, [writers[key].encode(name, lr) if lr is not None else None for key, lr in zip(keys, made)]
+
+        for name, encoded in parallel_map(work, names):
+            for key, tensors in zip(keys, encoded):
+                if tensors is not None:
+                    writers[key].write(name, tensors)
             write.step(name)

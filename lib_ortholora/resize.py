@@ -223,12 +223,6 @@ def _write(run: Run, lf: LoraReader, spectra: dict[str, Factored], writing: list
     names = sorted(n for n in spectra if any(sel.masks[n].any() for sel, _ in writing))
     step = run.phase("write", len(names)).step
 
-    def work(name: str) -> tuple[str, list[LowRank | None]]:
-        f = spectra[name]
-        full = f.with_factors(_lowrank(lf, name)) if f.left is not None else _factor(lf, name)
-        return name, kept_lowranks(Factored(full.left, f.s, full.right, f.shape, full.up, full.down, f.rank),
-                                   [sel.masks[name] for sel, _ in writing])
-
     with ExitStack() as stack:
         writers = []
         for sel, target in writing:
@@ -237,10 +231,18 @@ def _write(run: Run, lf: LoraReader, spectra: dict[str, Factored], writing: list
                 extra["ortholora_resize_threshold"] = f"{sel.threshold:.6g}"
             writers.append(stack.enter_context(LoraWriter(target, sel.layout(spectra), lf.arch, dtype, extra,
                                                           prediction=kind)))
-        for name, kept in parallel_map(work, names):
-            for writer, lr in zip(writers, kept):
-                if lr is not None:
-                    writer.add(name, lr)
+
+        def work(name: str) -> tuple[str, list[dict[str, torch.Tensor] | None]]:
+            f = spectra[name]
+            full = f.with_factors(_lowrank(lf, name)) if f.left is not None else _factor(lf, name)
+            kept = kept_lowranks(Factored(full.left, f.s, full.right, f.shape, full.up, full.down, f.rank),
+                                 [sel.masks[name] for sel, _ in writing])
+            return name, [w.encode(name, lr) if lr is not None else None for w, lr in zip(writers, kept)]
+
+        for name, encoded in parallel_map(work, names):
+            for writer, tensors in zip(writers, encoded):
+                if tensors is not None:
+                    writer.write(name, tensors)
             step(name)
 
 

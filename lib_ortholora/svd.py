@@ -78,17 +78,25 @@ NULL_RTOL = 1e-12  # on σ'², i.e. σ' ≤ 1e-6·σ'_1 counts as zero
 GRAM_CHUNK_BYTES = 1 << 19  # float64 rows converted at a time: small buffers the allocator reuses
 
 
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """xᵀ·x in float64 for x [m, r] of any float dtype (a view is fine), accumulated over row chunks
-    so that the float64 copy is never more than GRAM_CHUNK_BYTES."""
-    m, r = x.shape
+def gram(x: torch.Tensor, rows: bool = False) -> torch.Tensor:
+    """xᵀ·x for x [m, r], or with `rows` x·xᵀ for x [r, n], in float64 for x of any float dtype (a
+    view is fine), accumulated over chunks of x's long side so that the float64 copy is never more
+    than GRAM_CHUNK_BYTES. The chunk is copied so that the product reads it along its rows: for
+    x = down [r, n] (`rows`) that is twice as fast as the Gram of the transposed view."""
+    r, n = (x.shape[0], x.shape[1]) if rows else (x.shape[1], x.shape[0])
     step = max(1, GRAM_CHUNK_BYTES // (8 * max(r, 1)))
     out = torch.zeros(r, r, dtype=torch.float64, device=x.device)
-    buf = torch.empty(min(step, m), r, dtype=torch.float64, device=x.device)
-    for i in range(0, m, step):
-        chunk = buf[:min(step, m - i)]
-        chunk.copy_(x[i:i + step])
-        out.addmm_(chunk.T, chunk)
+    buf = torch.empty(min(step, n) * r, dtype=torch.float64, device=x.device)
+    for i in range(0, n, step):
+        w = min(step, n - i)
+        if rows:
+            chunk = buf[:w * r].view(r, w)
+            chunk.copy_(x[:, i:i + w])
+            out.addmm_(chunk, chunk.T)
+        else:
+            chunk = buf[:w * r].view(w, r)
+            chunk.copy_(x[i:i + w])
+            out.addmm_(chunk.T, chunk)
     return out
 
 
@@ -175,6 +183,6 @@ def _flat_factors(lr: LowRank) -> tuple[torch.Tensor, torch.Tensor]:
 def factor_svd(lr: LowRank) -> Factored:
     """Exact SVD of lr = scale·up@down in factored form (never forms up@down; module docstring)."""
     up, down = _flat_factors(lr)
-    left, sp, right = core_svd(gram(up), gram_root(gram(down.T), down.shape[1]))
+    left, sp, right = core_svd(gram(up), gram_root(gram(down, rows=True), down.shape[1]))
     sign = -1.0 if lr.scale < 0 else 1.0
     return Factored((sign * left).float(), sp * abs(lr.scale), right.float(), lr.shape, up, down, up.shape[1])

@@ -33,21 +33,21 @@ def _dense(lr: LowRank) -> torch.Tensor:
 
 
 class Held:
-    """Counts the LowRanks handed to LoraWriter.add that are still alive at each call: an operation
-    that collects an output before writing it holds them all."""
+    """Counts the modules handed to LoraWriter.write whose tensors are still alive at each call: an
+    operation that collects an output before writing it holds them all."""
 
     def __init__(self, monkeypatch):
         self.alive: weakref.WeakSet = weakref.WeakSet()
         self.most = self.calls = 0
-        add = LoraWriter.add
+        write = LoraWriter.write
 
-        def counting(writer, name, lr):
-            self.alive.add(lr.up)
+        def counting(writer, name, tensors):
+            self.alive.add(tensors[f"{name}.lora_up.weight"])
             self.calls += 1
             self.most = max(self.most, len(self.alive))
-            return add(writer, name, lr)
+            return write(writer, name, tensors)
 
-        monkeypatch.setattr(LoraWriter, "add", counting)
+        monkeypatch.setattr(LoraWriter, "write", counting)
 
 
 @pytest.fixture
