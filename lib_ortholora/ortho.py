@@ -131,23 +131,26 @@ class Layer:
         """G_ij = ⟨dW_i, dW_j⟩ [K, K] (align.gram_of_grams)."""
         return align.gram_of_grams(self.gu, self.gd, self.owner, self.k)
 
-    def _core(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _core(self, w: torch.Tensor, vectors: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """The SVD of U·diag(ω_i)·D, ω_i = w_i[owner], for each row i of `w` [n, K], as (ω, L, σ, R)
-        of `svd.core_svd` (G_u scaled by ω_i on both sides, one B for all outputs). Directions below
-        the rounding noise of the float64 core, σ² ≤ NOISE·(Σ_k |w_ik|·‖U_k‖_F·‖D_k‖_F)², are zero."""
+        of `svd.core_svd` (G_u scaled by ω_i on both sides, one B for all outputs; L and R only with
+        `vectors`). Directions below the rounding noise of the float64 core,
+        σ² ≤ NOISE·(Σ_k |w_ik|·‖U_k‖_F·‖D_k‖_F)², are zero."""
         omega = w[:, self.owner]
         sizes = [torch.zeros(self.k, dtype=torch.float64).index_add_(0, self.owner, g.diagonal()).clamp_min(0)
                  for g in (self.gu, self.gd)]  # ‖U_k‖²_F, ‖D_k‖²_F
         floor = NOISE * (w.abs() @ (sizes[0] * sizes[1]).sqrt()).square()
         left, sp, right = core_svd(omega[:, :, None] * self.gu * omega[:, None, :],
-                                   gram_root(self.gd, self.lr.down.shape[1]), floor, rtol=0.0)
+                                   gram_root(self.gd, self.lr.down.shape[1]), floor, rtol=0.0, vectors=vectors)
         return omega, left, sp, right
 
     def plan(self, w: torch.Tensor, policy: RankPolicy | None) -> list[tuple[int, float]]:
         """Σ_k w_ik·dW_k for each row i of `w` [n, K]: the rank `policy` picks (None: every direction
-        above the noise, exact) and the relative Frobenius error of that truncation."""
+        above the noise, exact) and the relative Frobenius error of that truncation (from the
+        singular values alone)."""
         out = []
-        for si in self._core(w)[2]:
+        for si in self._core(w, vectors=False)[2]:
             keep = int((si > 0).sum())
             r = min(policy.choose(si[:keep], self.lr.shape), keep) if policy is not None and keep else keep
             kept = float(si[:keep].square().sum())
@@ -156,7 +159,9 @@ class Layer:
 
     def form(self, w: torch.Tensor, ranks: Sequence[int]) -> list[LowRank | None]:
         """Σ_k w_ik·dW_k truncated to ranks[i] directions (from `plan`), as balanced factors (scale 1,
-        float32; None at rank 0), formed in float64 as U·(ω_i·L·√S) and (√S·R)·D."""
+        float32; None at rank 0), formed in float64 as U·(ω_i·L·√S) and (√S·R)·D: the factors of
+        different inputs may cancel (a shared part is collinear across the inputs), by ~100× in the
+        benchmark's LoRAs, which float32 products would turn into errors near fp16's rounding."""
         if not any(ranks):
             return [None] * len(ranks)
         omega, left, sp, right = self._core(w)

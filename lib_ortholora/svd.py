@@ -113,17 +113,24 @@ def gram_root(gd: torch.Tensor, n: int) -> torch.Tensor:
     return mu.clamp_min(0).sqrt()[:, None] * w.T
 
 
-def core_svd(gu: torch.Tensor, b: torch.Tensor, floor: torch.Tensor | float = 0.0, rtol: float = NULL_RTOL
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def core_svd(gu: torch.Tensor, b: torch.Tensor, floor: torch.Tensor | float = 0.0, rtol: float = NULL_RTOL,
+             vectors: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """(L [..., r, d], σ' [..., d] descending, R [..., d, r]) of up·down from (G_u, B), batched over
     leading dimensions of `gu` (and `floor`, an absolute floor on σ'² per batch entry): up·down =
-    (up·L)·diag(σ')·(R·down), columns of up·L and rows of R·down orthonormal (module docstring)."""
+    (up·L)·diag(σ')·(R·down), columns of up·L and rows of R·down orthonormal (module docstring).
+    Without `vectors` only σ' (L and R None), from the eigenvalues alone: ~5× cheaper."""
     n = b @ gu @ b.T
-    lam, y = torch.linalg.eigh((n + n.transpose(-1, -2)) / 2)
-    lam, y = lam.flip(-1), y.flip(-1)
+    n = (n + n.transpose(-1, -2)) / 2
+    if vectors:
+        lam, y = torch.linalg.eigh(n)
+        lam, y = lam.flip(-1), y.flip(-1)
+    else:
+        lam, y = torch.linalg.eigvalsh(n).flip(-1), None
     floor = torch.as_tensor(floor, dtype=lam.dtype)
     live = (lam > rtol * lam[..., :1].clamp_min(0)) & (lam > (floor[..., None] if floor.dim() else floor))
     sp = torch.where(live, lam.clamp_min(0).sqrt(), 0.0)
+    if y is None:
+        return None, sp, None
     inv = torch.where(live, 1 / torch.where(live, sp, 1.0), 0.0)
     a = b.T @ y
     return a * inv[..., None, :], sp, ((gu @ a) * inv.square()[..., None, :]).transpose(-1, -2)
