@@ -98,8 +98,16 @@ class TensorFile(ABC):
         return math.prod(shape) * dtype.itemsize
 
     @abstractmethod
-    def get(self, key: str) -> torch.Tensor:
-        """The tensor named ``key`` (a CPU tensor of ``dtype(key)`` and ``shape(key)``)."""
+    def get(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor named ``key`` (a CPU tensor of ``dtype(key)`` and ``shape(key)``).
+
+        ``buffer`` (a contiguous CPU tensor of at least ``nbytes(key)`` bytes, e.g. from a
+        ``memory.Workspace``) lets a reader put the data there instead of in fresh memory: the
+        result may then be a view of it, valid only until the buffer is reused."""
+
+    def prefetch(self, key: str) -> None:
+        """Hint that ``key`` will be read soon, so that the OS can start reading it from disk
+        (no memory of this process is used; a no-op where there is nothing to gain)."""
 
     @abstractmethod
     def close(self) -> None:
@@ -126,14 +134,36 @@ class SafetensorsFile(TensorFile):
         self._lock = threading.Lock()
         super().__init__(path, {k: (d, s) for k, (d, s, _) in entries.items()}, metadata)
 
-    def get(self, key: str) -> torch.Tensor:
-        """Read one tensor (a fresh CPU tensor that owns its memory)."""
+    def get(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor: into fresh memory that the result owns, or into ``buffer`` (then the
+        result is a view of it)."""
         dtype, shape = self._entry(key)
         count = self.nbytes(key)
-        if count == 0:
-            return torch.empty(shape, dtype=dtype)
-        buf = bytearray(count)
-        view = memoryview(buf)
+        if buffer is None:
+            buffer = torch.empty(count, dtype=torch.uint8)  # no zero-fill: every byte is read over
+        elif buffer.device.type != "cpu" or not buffer.is_contiguous() or buffer.nbytes < count:
+            raise ValueError(f"buffer for {key!r} must be a contiguous CPU tensor of ≥ {count} bytes")
+        data = buffer.view(-1).view(torch.uint8)[:count]
+        if count:
+            self._read_into(key, _tensor_bytes(data))
+        return data.view(dtype).view(shape)
+
+    def prefetch(self, key: str) -> None:
+        """Ask the kernel to read ``key``'s bytes into the page cache in the background."""
+        advise = getattr(os, "posix_fadvise", None)
+        count = self.nbytes(key)
+        if advise is None or not count:
+            return
+        with self._lock:
+            if not self._file.closed:
+                try:
+                    advise(self._file.fileno(), self._data_start + self._offsets[key], count,
+                           os.POSIX_FADV_WILLNEED)
+                except OSError:  # only a hint
+                    pass
+
+    def _read_into(self, key: str, view: memoryview) -> None:
+        count = len(view)
         with self._lock:
             if self._file.closed:
                 raise OrthoLoraError("file is closed", self.path)
@@ -149,7 +179,6 @@ class SafetensorsFile(TensorFile):
             except OSError as err:
                 raise OrthoLoraError(f"cannot read tensor {key!r}: {err.strerror or err}",
                                      self.path) from err
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def close(self) -> None:
         with self._lock:
@@ -163,8 +192,9 @@ class DictTensorFile(TensorFile):
         self._tensors = tensors
         super().__init__(path, {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, {})
 
-    def get(self, key: str) -> torch.Tensor:
-        """The stored tensor (shared, not a copy: do not modify it in place)."""
+    def get(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored tensor (shared, not a copy: do not modify it in place; ``buffer`` is not
+        needed)."""
         self._entry(key)
         if key not in self._tensors:
             raise OrthoLoraError("file is closed", self.path)
@@ -336,7 +366,7 @@ def check_finite(tensor: torch.Tensor, key: str, path: PathLike | None) -> None:
     if not tensor.is_floating_point():
         return
     values = tensor.float() if tensor.dtype.itemsize == 1 else tensor  # no isfinite for float8
-    if not bool(torch.isfinite(values).all()):
+    if values.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(values)):  # no temporary
         nans = int(torch.isnan(values).sum())
         infs = int(torch.isinf(values).sum())
         raise OrthoLoraError(f"tensor {key!r} has {nans} NaN and {infs} Inf values", path)

@@ -8,6 +8,7 @@ output dtype is asked). Peak memory: the LoRAs plus about one checkpoint tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,11 @@ import torch
 
 from .arch import Arch, Shape, detect
 from .errors import OrthoLoraError
-from .fileio import TensorSpec, check_finite, open_tensors, write_safetensors_streamed
+from .fileio import TensorFile, TensorSpec, check_finite, open_tensors, write_safetensors_streamed
 from .join import as_ratios
 from .keys import Target, targets
 from .lorafile import LoraFile, read_lora
+from .memory import Workspace
 from .modules import NetworkModule
 from .progress import Progress
 from .report import Report, Row
@@ -103,13 +105,29 @@ def plan_merge(arch: Arch, shapes: Mapping[str, Shape], loras: Sequence[tuple[Lo
     return plan, report
 
 
-def merged_tensor(w: torch.Tensor, contributions: Sequence[Contribution], dtype: torch.dtype) -> torch.Tensor:
-    """cast(w.float() + Σ contributions, dtype); each contribution lands in its row block."""
-    acc = w.to(torch.float32, copy=True)
+def merged_tensor(w: torch.Tensor, contributions: Sequence[Contribution], dtype: torch.dtype,
+                  work: Workspace | None = None) -> torch.Tensor:
+    """cast(w.float() + Σ contributions, dtype); each contribution lands in its row block. With
+    `work`, the float32 sum and the cast live in its `acc` and `out` buffers (the result is valid
+    until the next call)."""
+    acc = work.take("acc", w.shape, torch.float32).copy_(w) if work is not None else w.to(torch.float32, copy=True)
     del w  # the caller passes its only reference: free it before the deltas are formed
     for c in contributions:
         c.add_into(acc[slice(*c.rows)] if c.rows else acc)
-    return acc.to(dtype)
+    if work is None or dtype == torch.float32:
+        return acc.to(dtype)
+    return work.take("out", acc.shape, dtype).copy_(acc)
+
+
+def _workspace(f: TensorFile, plan: Mapping[str, list[Contribution]], dtype: torch.dtype | None) -> Workspace:
+    """Buffers for `produce`, sized once: the largest tensor read, and the float32 sum and cast
+    output of the largest merged layer."""
+    work = Workspace()
+    work.reserve("read", max((f.nbytes(k) for k in f.keys()), default=0))
+    merged = max((math.prod(f.shape(k)) for k in plan), default=0)
+    work.reserve("acc", 4 * merged)
+    work.reserve("out", merged * max((_out_dtype(f.dtype(k), dtype).itemsize for k in plan), default=0))
+    return work
 
 
 def _out_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
@@ -151,16 +169,22 @@ def merge_lora(base_path: PathLike, lora_path: PathLike | Sequence[PathLike], mu
             raise OrthoLoraError(f"nothing to merge: no module of {', '.join(p.name for p in paths)} matches a "
                                  f"layer of this {arch.title} checkpoint", base)
         specs = [TensorSpec(k, _out_dtype(f.dtype(k), dtype), shapes[k]) for k in f.keys()]
+        work = _workspace(f, plan, dtype)
         done = 0
 
         def produce(key: str) -> torch.Tensor:
+            """The output tensor of `key`, in `work`'s buffers: the writer is done with it before
+            the next call (see write_safetensors_streamed)."""
             nonlocal done
             done += 1
             if progress:
                 progress(done, len(specs), key)
+            if done < len(specs):
+                f.prefetch(specs[done].name)  # the OS reads the next tensor while this one is merged
+            w = f.get(key, work.take("read", (f.nbytes(key),), torch.uint8))
             if key not in plan:
-                return f.get(key)
-            merged = merged_tensor(f.get(key), plan[key], _out_dtype(f.dtype(key), dtype))
+                return w
+            merged = merged_tensor(w, plan[key], _out_dtype(f.dtype(key), dtype), work)
             try:
                 check_finite(merged, key, out)
             except OrthoLoraError:
