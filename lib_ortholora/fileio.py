@@ -13,6 +13,7 @@ import secrets
 import threading
 import zipfile
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -520,16 +521,56 @@ def write_safetensors_streamed(path: PathLike, specs: list[TensorSpec],
                                metadata: Mapping[str, str] | None = None,
                                overwrite: bool = False) -> None:
     """Write a safetensors file tensor by tensor: ``produce(name)`` is called once per spec, in
-    order, and its result written and dropped, so peak memory is one tensor."""
+    order, and its result written by a writer thread while the next one is produced (the disk
+    works while the caller computes), then dropped: peak memory is two tensors. A producer that
+    returns views of reused buffers must therefore alternate between two: a result stays in use
+    until the call after next. Write errors surface at the next call at the latest."""
     target = Path(path)
     head = _safetensors_header(specs, _check_metadata_out(metadata, target), target)
     with atomic_output(target, overwrite) as tmp, _open_temp(tmp, target) as file:
         _write_all(file, head, target)
-        for spec in specs:
-            tensor = _conform(produce(spec.name), spec, target)
-            _write_all(file, _tensor_bytes(tensor), target)
-            del tensor
-            trim()  # hand the dropped tensor's pages back before producing the next one
+        sink = _Sink(file, target, len(head))
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            pending, produced = None, 0
+            for spec in specs:
+                tensor = _conform(produce(spec.name), spec, target)
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(sink.write, tensor)
+                produced += tensor.nbytes
+                del tensor
+                if produced >= WRITEBACK_BYTES:  # hand dropped tensors' heap pages back now and then
+                    trim()
+                    produced = 0
+            if pending is not None:
+                pending.result()
+
+
+WRITEBACK_BYTES = 64 << 20
+
+
+class _Sink:
+    """Appends tensors' bytes to an open file; every WRITEBACK_BYTES it asks the kernel to start
+    writing what came before to disk (POSIX_FADV_DONTNEED starts writeback of dirty pages, then
+    drops the clean ones: the final fsync has little left, and the output does not crowd the
+    inputs out of the page cache). The hint is a no-op where unsupported."""
+
+    def __init__(self, file: io.FileIO, target: Path, offset: int):
+        self.file, self.target = file, target
+        self.written = self.flushed = offset
+
+    def write(self, tensor: torch.Tensor) -> None:
+        _write_all(self.file, _tensor_bytes(tensor), self.target)
+        self.written += tensor.nbytes
+        if self.written - self.flushed >= WRITEBACK_BYTES:
+            advise = getattr(os, "posix_fadvise", None)
+            try:
+                if advise is not None:
+                    advise(self.file.fileno(), self.flushed, self.written - self.flushed,
+                           os.POSIX_FADV_DONTNEED)
+            except (AttributeError, OSError, ValueError):
+                pass
+            self.flushed = self.written
 
 
 def _owned_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

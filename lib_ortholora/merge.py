@@ -106,27 +106,28 @@ def plan_merge(arch: Arch, shapes: Mapping[str, Shape], loras: Sequence[tuple[Lo
 
 
 def merged_tensor(w: torch.Tensor, contributions: Sequence[Contribution], dtype: torch.dtype,
-                  work: Workspace | None = None) -> torch.Tensor:
+                  work: Workspace | None = None, out: str = "out") -> torch.Tensor:
     """cast(w.float() + Σ contributions, dtype); each contribution lands in its row block. With
-    `work`, the float32 sum and the cast live in its `acc` and `out` buffers (the result is valid
-    until the next call)."""
+    `work`, the float32 sum lives in its `acc` buffer and the cast in the buffer named `out` (the
+    result is valid until that buffer is taken again)."""
     acc = work.take("acc", w.shape, torch.float32).copy_(w) if work is not None else w.to(torch.float32, copy=True)
     del w  # the caller passes its only reference: free it before the deltas are formed
     for c in contributions:
         c.add_into(acc[slice(*c.rows)] if c.rows else acc)
-    if work is None or dtype == torch.float32:
+    if work is None:
         return acc.to(dtype)
-    return work.take("out", acc.shape, dtype).copy_(acc)
+    return work.take(out, acc.shape, dtype).copy_(acc)
 
 
 def _workspace(f: TensorFile, plan: Mapping[str, list[Contribution]], dtype: torch.dtype | None) -> Workspace:
-    """Buffers for `produce`, sized once: the largest tensor read, and the float32 sum and cast
-    output of the largest merged layer."""
+    """Buffers for `produce`, sized once: two for the largest tensor read, the float32 sum of the
+    largest merged layer, and two for its cast output."""
     work = Workspace()
-    work.reserve("read", max((f.nbytes(k) for k in f.keys()), default=0))
     merged = max((math.prod(f.shape(k)) for k in plan), default=0)
     work.reserve("acc", 4 * merged)
-    work.reserve("out", merged * max((_out_dtype(f.dtype(k), dtype).itemsize for k in plan), default=0))
+    for slot in (0, 1):  # the writer writes one slot's tensor while the other is produced
+        work.reserve(f"read{slot}", max((f.nbytes(k) for k in f.keys()), default=0))
+        work.reserve(f"out{slot}", merged * max((_out_dtype(f.dtype(k), dtype).itemsize for k in plan), default=0))
     return work
 
 
@@ -173,18 +174,19 @@ def merge_lora(base_path: PathLike, lora_path: PathLike | Sequence[PathLike], mu
         done = 0
 
         def produce(key: str) -> torch.Tensor:
-            """The output tensor of `key`, in `work`'s buffers: the writer is done with it before
-            the next call (see write_safetensors_streamed)."""
+            """The output tensor of `key`, in `work`'s buffers of slot 0 or 1 by turns: the writer
+            still writes the previous result during this call (see write_safetensors_streamed)."""
             nonlocal done
             done += 1
             if progress:
                 progress(done, len(specs), key)
             if done < len(specs):
                 f.prefetch(specs[done].name)  # the OS reads the next tensor while this one is merged
-            w = f.get(key, work.take("read", (f.nbytes(key),), torch.uint8))
+            slot = done % 2
+            w = f.get(key, work.take(f"read{slot}", (f.nbytes(key),), torch.uint8))
             if key not in plan:
                 return w
-            merged = merged_tensor(w, plan[key], _out_dtype(f.dtype(key), dtype), work)
+            merged = merged_tensor(w, plan[key], _out_dtype(f.dtype(key), dtype), work, f"out{slot}")
             try:
                 check_finite(merged, key, out)
             except OrthoLoraError:

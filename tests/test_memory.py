@@ -198,3 +198,57 @@ def test_check_finite_finds_a_single_bad_value(dtype: torch.dtype, value: float)
     counts = "1 NaN and 0 Inf" if value != value else "0 NaN and 1 Inf"
     with pytest.raises(OrthoLoraError, match=f"f.safetensors: tensor 'w' has {counts} values"):
         check_finite(t, "w", "f.safetensors")
+
+
+def test_streamed_writer_writes_behind_and_starts_writeback(tmp_path: Path, monkeypatch) -> None:
+    """produce(n + 1) runs while tensor n is written; every WRITEBACK_BYTES the written range is
+    handed to the kernel for writeback; the file is exact."""
+    from lib_ortholora import fileio
+    from lib_ortholora.fileio import TensorSpec, write_safetensors_streamed
+    monkeypatch.setattr(fileio, "WRITEBACK_BYTES", 1000)
+    hints: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: hints.append((offset, length, advice)),
+                        raising=False)
+    monkeypatch.setattr(os, "POSIX_FADV_DONTNEED", 4, raising=False)
+    tensors = {f"t{i}": torch.full((300,), float(i)) for i in range(6)}  # 1200 bytes each
+    started, finished = [], []
+    real_write = fileio._Sink.write
+
+    def slow_write(sink, tensor):
+        started.append(len(started))
+        threading.Event().wait(0.05)
+        real_write(sink, tensor)
+        finished.append(len(finished))
+
+    monkeypatch.setattr(fileio._Sink, "write", slow_write)
+    produced_while_writing = []
+
+    def produce(name: str) -> torch.Tensor:
+        produced_while_writing.append(len(started) > len(finished))
+        return tensors[name]
+
+    path = tmp_path / "w.safetensors"
+    write_safetensors_streamed(path, [TensorSpec(k, torch.float32, (300,)) for k in tensors], produce)
+    assert any(produced_while_writing[1:])
+    assert all(advice == 4 for _, _, advice in hints) and len(hints) == 6
+    assert [o for o, _, _ in hints[1:]] == [o + n for o, n, _ in hints[:-1]]  # consecutive ranges
+    loaded = safetensors.torch.load_file(str(path))
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_merge_with_a_slow_writer_stays_exact(tmp_path: Path, pairs, monkeypatch) -> None:
+    """merge hands the writer views of its buffers; they alternate, so a tensor still being
+    written is never overwritten by the next one."""
+    import lorautil as U
+    from lib_ortholora import fileio
+    from lib_ortholora.merge import merge_lora
+    base = pairs("sd15")[0]
+    lora = U.save(tmp_path / "l.safetensors", U.lora_tensors(U.tiny_targets("sd15"), rank=4, alpha=2.0,
+                                                             arch_id="sd15"))
+    merge_lora(base, lora, 0.8, tmp_path / "fast.safetensors")
+    real_write = fileio._Sink.write
+    monkeypatch.setattr(fileio._Sink, "write", lambda sink, t: (threading.Event().wait(0.002), real_write(sink, t)))
+    merge_lora(base, lora, 0.8, tmp_path / "slow.safetensors")
+    assert (tmp_path / "slow.safetensors").read_bytes() == (tmp_path / "fast.safetensors").read_bytes()
+    with open_tensors(tmp_path / "slow.safetensors") as out, open_tensors(base) as b:
+        assert not torch.equal(out.get(U.tiny_targets("sd15")[0].ckpt_key), b.get(U.tiny_targets("sd15")[0].ckpt_key))
