@@ -3,12 +3,15 @@ page faults.
 
 glibc serves large buffers from its heap once its dynamic mmap threshold has risen, and freed
 per-layer buffers interleaved with long-lived small results then never go back to the system
-(seen: 4.7 GB of heap for an SDXL extraction that holds ~0.3 GB). Fixing the threshold at 1 MiB
-makes every large buffer its own mapping, returned on free — but then every fresh per-layer
-buffer is also a fresh mapping that the kernel zero-fills page by page on first touch (6 M minor
-faults, ~19 s of system time for one SD1.5 extraction). So the per-layer arrays of the streaming
-loops live in a `Workspace`: a few named buffers, sized once to the largest layer and reused, whose
-pages are touched once per process. No-op where glibc is absent.
+(seen: 4.7 GB of heap for an SDXL extraction that holds ~0.3 GB). A fixed threshold makes every
+large buffer its own mapping, returned on free — but then every fresh per-layer buffer is also a
+fresh mapping that the kernel zero-fills page by page on first touch (6 M minor faults, ~19 s of
+system time for one SD1.5 extraction; a first touch costs ~10 µs on a VM). So the per-layer
+arrays of the streaming loops live in a `Workspace`: a few named buffers, sized once to the
+largest layer and reused, whose pages are touched once per process; the threshold sits above
+the per-layer temporaries that remain (2 MiB blocks of a randomized SVD), and freed heap memory is
+kept up to TRIM_THRESHOLD so that they are recycled rather than faulted in again. No-op where
+glibc is absent.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import Mapping
 
 import torch
 
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
@@ -34,11 +38,18 @@ def _libc():
         return None
 
 
+MMAP_THRESHOLD = 4 << 20
+TRIM_THRESHOLD = 32 << 20
+
+
 @lru_cache(maxsize=1)
 def large_buffers_unmapped_on_free() -> bool:
-    """Make glibc allocate buffers ≥ 1 MiB with mmap (once per process); True if it took effect."""
+    """Make glibc allocate buffers ≥ MMAP_THRESHOLD with mmap, and keep up to TRIM_THRESHOLD of
+    free memory at the top of its heaps instead of returning (and then faulting in again) the
+    per-layer temporaries below that size (once per process); True if it took effect."""
     libc = _libc()
-    return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20))
+    return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def trim() -> None:
