@@ -1,3 +1,4 @@
+import gc
 import os
 import sys
 
@@ -6,5 +7,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .cli import main  # noqa: E402
+
+gc.freeze()  # the ~170 000 objects of torch's import are never garbage: collections skip them
 
 sys.exit(main())

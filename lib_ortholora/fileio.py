@@ -3,6 +3,7 @@ and safe output names. Every bad input raises ``OrthoLoraError`` naming the file
 from __future__ import annotations
 
 import ctypes
+import errno
 import io
 import hashlib
 import json
@@ -110,6 +111,11 @@ class TensorFile(ABC):
         """Hint that ``key`` will be read soon, so that the OS can start reading it from disk
         (no memory of this process is used; a no-op where there is nothing to gain)."""
 
+    def stored(self, key: str) -> FileSlice | None:
+        """``key``'s bytes as stored, for the streamed writer to copy unchanged from file to file;
+        None where the file cannot hand them out that way."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Release the file; ``get`` fails afterwards."""
@@ -132,7 +138,8 @@ class SafetensorsFile(TensorFile):
             self._file.close()
             raise
         self._offsets = {name: begin for name, (_, _, begin) in entries.items()}
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._readers = 0
         super().__init__(path, {k: (d, s) for k, (d, s, _) in entries.items()}, metadata)
 
     def get(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,27 +170,92 @@ class SafetensorsFile(TensorFile):
                 except OSError:  # only a hint
                     pass
 
+    def stored(self, key: str) -> FileSlice:
+        self._entry(key)
+        return FileSlice(self, key, self._data_start + self._offsets[key], self.nbytes(key))
+
     def _read_into(self, key: str, view: memoryview) -> None:
-        count = len(view)
+        self._read_at(self._data_start + self._offsets[key], view, key)
+
+    def _read_at(self, position: int, view: memoryview, key: str) -> None:
+        """Fill ``view`` from byte ``position`` of the file (part of tensor ``key``). Threads read
+        at once where the OS reads at an offset (preadv); ``close`` waits for running reads."""
+        preadv = getattr(os, "preadv", None)
         with self._lock:
             if self._file.closed:
                 raise OrthoLoraError("file is closed", self.path)
-            try:
-                self._file.seek(self._data_start + self._offsets[key])
-                done = 0
-                while done < count:
-                    got = self._file.readinto(view[done:])
-                    if not got:
-                        raise OrthoLoraError(f"file ended inside tensor {key!r} (changed since it "
-                                             "was opened?)", self.path)
-                    done += got
-            except OSError as err:
-                raise OrthoLoraError(f"cannot read tensor {key!r}: {err.strerror or err}",
-                                     self.path) from err
+            if preadv is None:
+                return self._read_serial(position, view, key)
+            self._readers += 1
+        try:
+            done = 0
+            while done < len(view):
+                got = preadv(self._file.fileno(), [view[done:]], position + done)
+                if not got:
+                    raise OrthoLoraError(f"file ended inside tensor {key!r} (changed since it was "
+                                         "opened?)", self.path)
+                done += got
+        except OSError as err:
+            raise OrthoLoraError(f"cannot read tensor {key!r}: {err.strerror or err}", self.path) from err
+        finally:
+            with self._lock:
+                self._readers -= 1
+                self._lock.notify_all()
+
+    def _read_serial(self, position: int, view: memoryview, key: str) -> None:
+        """``_read_at`` by seek and read (under the lock)."""
+        try:
+            self._file.seek(position)
+            done = 0
+            while done < len(view):
+                got = self._file.readinto(view[done:])
+                if not got:
+                    raise OrthoLoraError(f"file ended inside tensor {key!r} (changed since it "
+                                         "was opened?)", self.path)
+                done += got
+        except OSError as err:
+            raise OrthoLoraError(f"cannot read tensor {key!r}: {err.strerror or err}",
+                                 self.path) from err
 
     def close(self) -> None:
         with self._lock:
+            self._lock.wait_for(lambda: not self._readers)
             self._file.close()
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """The stored bytes of tensor ``key``: ``nbytes`` from byte ``offset`` of ``source``."""
+
+    source: SafetensorsFile
+    key: str
+    offset: int
+    nbytes: int
+
+    def copy_to(self, out: io.FileIO, target: Path, chunk: memoryview) -> None:
+        """Append the bytes to ``out``: by copy_file_range (in the kernel, no user memory) where
+        the OS offers it between these files, else through ``chunk``."""
+        position, left = self.offset, self.nbytes
+        copy = getattr(os, "copy_file_range", None)
+        try:
+            while left and copy is not None:
+                got = copy(self.source._file.fileno(), out.fileno(), left, position)
+                if not got:
+                    raise OrthoLoraError(f"file ended inside tensor {self.key!r} (changed since it was "
+                                         "opened?)", self.source.path)
+                position, left = position + got, left - got
+        except OSError as err:
+            if err.errno not in _NO_KERNEL_COPY:
+                raise _disk_error(err, target) from err
+        while left:
+            part = chunk[:min(left, len(chunk))]
+            self.source._read_at(position, part, self.key)
+            _write_all(out, part, target)
+            position, left = position + len(part), left - len(part)
+
+
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF,
+                   errno.EPERM}
 
 
 class DictTensorFile(TensorFile):
@@ -505,8 +577,16 @@ def _safetensors_header(specs: list[TensorSpec], metadata: dict[str, str], targe
     return len(text).to_bytes(8, "little") + text
 
 
-def _conform(tensor: object, spec: TensorSpec, target: Path) -> torch.Tensor:
-    """Check a produced tensor's shape; return it contiguous, on the CPU, in the spec dtype."""
+def _conform(tensor: object, spec: TensorSpec, target: Path) -> torch.Tensor | FileSlice:
+    """Check a produced tensor's shape; return it contiguous, on the CPU, in the spec dtype (a
+    FileSlice passes when its source holds the spec's dtype and shape)."""
+    if isinstance(tensor, FileSlice):
+        src = tensor.source
+        if (src.dtype(tensor.key), src.shape(tensor.key)) != (spec.dtype, tuple(spec.shape)):
+            raise OrthoLoraError(f"tensor {spec.name!r}: stored as {src.dtype(tensor.key)} "
+                                 f"{src.shape(tensor.key)}, not the announced {spec.dtype} {tuple(spec.shape)}",
+                                 target)
+        return tensor
     if not isinstance(tensor, torch.Tensor):
         raise OrthoLoraError(f"tensor {spec.name!r}: got {type(tensor).__name__}, not a tensor",
                              target)
@@ -517,28 +597,31 @@ def _conform(tensor: object, spec: TensorSpec, target: Path) -> torch.Tensor:
 
 
 def write_safetensors_streamed(path: PathLike, specs: list[TensorSpec],
-                               produce: Callable[[str], torch.Tensor],
+                               produce: Callable[[str], torch.Tensor | FileSlice],
                                metadata: Mapping[str, str] | None = None,
-                               overwrite: bool = False) -> None:
+                               overwrite: bool = False,
+                               written: Callable[[str], None] | None = None) -> None:
     """Write a safetensors file tensor by tensor: ``produce(name)`` is called once per spec, in
     order, and its result written by a writer thread while the next one is produced (the disk
-    works while the caller computes), then dropped: peak memory is two tensors. A producer that
-    returns views of reused buffers must therefore alternate between two: a result stays in use
-    until the call after next. Write errors surface at the next call at the latest."""
+    works while the caller computes), then dropped: peak memory is two tensors. A result may also
+    be a ``FileSlice`` (a tensor passed through unchanged: copied file to file). ``written(name)``,
+    when given, is called (from the writer thread) once a result is written: a producer that
+    hands out views of reused buffers may reuse them then, and not before. Write errors surface
+    at the next call at the latest."""
     target = Path(path)
     head = _safetensors_header(specs, _check_metadata_out(metadata, target), target)
     with atomic_output(target, overwrite) as tmp, _open_temp(tmp, target) as file:
         _write_all(file, head, target)
-        sink = _Sink(file, target, len(head))
+        sink = _Sink(file, target, len(head), written)
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending, produced = None, 0
             for spec in specs:
-                tensor = _conform(produce(spec.name), spec, target)
+                item = _conform(produce(spec.name), spec, target)
                 if pending is not None:
                     pending.result()
-                pending = writer.submit(sink.write, tensor)
-                produced += tensor.nbytes
-                del tensor
+                pending = writer.submit(sink.write, spec.name, item)
+                produced += item.nbytes
+                del item
                 if produced >= WRITEBACK_BYTES:  # hand dropped tensors' heap pages back now and then
                     trim()
                     produced = 0
@@ -557,13 +640,20 @@ class _Sink:
     page cache, and new page-cache pages are recycled ones (a first touch of never-used memory
     costs ~3× the copy on a VM). A hint only: a no-op where unsupported."""
 
-    def __init__(self, file: io.FileIO, target: Path, offset: int):
-        self.file, self.target = file, target
+    def __init__(self, file: io.FileIO, target: Path, offset: int, written: Callable[[str], None] | None):
+        self.file, self.target, self.done = file, target, written
         self.written, self.windows = offset, [0, 0]  # starts of the last two windows
+        self.chunk: memoryview | None = None
 
-    def write(self, tensor: torch.Tensor) -> None:
-        _write_all(self.file, _tensor_bytes(tensor), self.target)
-        self.written += tensor.nbytes
+    def write(self, name: str, item: torch.Tensor | FileSlice) -> None:
+        if isinstance(item, FileSlice):
+            self.chunk = self.chunk or memoryview(bytearray(8 << 20))
+            item.copy_to(self.file, self.target, self.chunk)
+        else:
+            _write_all(self.file, _tensor_bytes(item), self.target)
+        self.written += item.nbytes
+        if self.done is not None:
+            self.done(name)
         if self.written - self.windows[1] >= WRITEBACK_BYTES:
             advise = getattr(os, "posix_fadvise", None)
             try:

@@ -116,3 +116,40 @@ class PerThread:
             for name, nbytes in self._sizes.items():
                 work.reserve(name, nbytes)
         return work
+
+
+class Ring:
+    """`count` workspaces handed out and given back, for results that outlive the call that made
+    them (a streamed writer still writing them). `acquire(turn)` serves turns 0, 1, 2, … in order,
+    each when a workspace is free: a later request never takes the last free one from an earlier
+    request that the consumer waits for. After `close`, waiting and later requests raise
+    RuntimeError (workers waiting for a consumer that stopped end instead of hanging)."""
+
+    def __init__(self, count: int, device: torch.device | str = "cpu", sizes: Mapping[str, int] | None = None):
+        self._free: list[Workspace] = []
+        for _ in range(count):
+            work = Workspace(device)
+            for name, nbytes in (sizes or {}).items():
+                work.reserve(name, nbytes)
+            self._free.append(work)
+        self._ready = threading.Condition()
+        self._turn, self._closed = 0, False
+
+    def acquire(self, turn: int) -> Workspace:
+        with self._ready:
+            self._ready.wait_for(lambda: self._closed or (self._turn == turn and bool(self._free)))
+            if self._closed:
+                raise RuntimeError("the buffer ring is closed")
+            self._turn += 1
+            self._ready.notify_all()
+            return self._free.pop()
+
+    def release(self, work: Workspace) -> None:
+        with self._ready:
+            self._free.append(work)
+            self._ready.notify_all()
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
