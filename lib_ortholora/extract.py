@@ -10,13 +10,12 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from . import arch as _arch
 from .errors import OrthoLoraError
-from .fileio import TensorFile, open_tensors
+from .fileio import TensorFile, open_tensors, prefetched
 from .keys import Target, targets
 from .lorafile import write_lora
 from .lowrank import LowRank, balanced
@@ -99,15 +98,6 @@ def _by_tensor(todo: list[Target]) -> list[list[Target]]:
     return groups
 
 
-def _prefetched(groups: list[list[Target]], files: tuple[TensorFile, ...]) -> Iterator[list[Target]]:
-    """The groups in order, each one's tensors announced to the OS as it is handed out (the layer
-    map draws a few ahead of the work, so a cold page cache fills while earlier layers compute)."""
-    for group in groups:
-        for f in files:
-            f.prefetch(group[0].ckpt_key)
-        yield group
-
-
 def _layer_delta(t: Target, base: torch.Tensor, tuned: torch.Tensor, files: tuple[TensorFile, TensorFile],
                  work: Workspace) -> tuple[torch.Tensor, float]:
     """D = tuned − base (float32, the `rows` block, in `work`'s `delta` buffer) and max|D|.
@@ -163,7 +153,7 @@ def extract(base: TensorFile, tuned: TensorFile, policy: RankPolicy, conv_policy
         return results
 
     done = 0
-    for results in parallel_map(layers, _prefetched(groups, (base, tuned))):
+    for results in parallel_map(layers, prefetched(groups, (base, tuned), lambda g: g[0].ckpt_key)):
         for t, lr, value in results:
             row = report.add(Row(t.name, extra={"block": t.block, "shape": "×".join(map(str, t.shape))}))
             if lr is None:

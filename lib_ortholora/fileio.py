@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import BinaryIO, Callable, Iterator, Mapping
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import safetensors.torch
 import torch
@@ -27,6 +27,7 @@ from .errors import OrthoLoraError
 from .memory import large_buffers_unmapped_on_free, trim
 
 PathLike = str | os.PathLike
+_T = TypeVar("_T")
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -275,6 +276,17 @@ class DictTensorFile(TensorFile):
 
     def close(self) -> None:
         self._tensors = {}
+
+
+def prefetched(items: Iterable[_T], files: Iterable[TensorFile], key: Callable[[_T], str]) -> Iterator[_T]:
+    """The items in order, the tensor ``key(item)`` of each file announced to the OS (``prefetch``)
+    as the item is handed out: a consumer that draws a few items ahead of its work has the page
+    cache fill while earlier items are processed."""
+    files = tuple(files)
+    for item in items:
+        for f in files:
+            f.prefetch(key(item))
+        yield item
 
 
 def open_tensors(path: PathLike) -> TensorFile:

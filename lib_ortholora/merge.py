@@ -13,13 +13,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from .arch import Arch, Shape, detect
 from .errors import OrthoLoraError
-from .fileio import FileSlice, TensorFile, TensorSpec, check_finite, open_tensors, write_safetensors_streamed
+from .fileio import (FileSlice, TensorFile, TensorSpec, check_finite, open_tensors, prefetched,
+                     write_safetensors_streamed)
 from .join import as_ratios
 from .keys import Target, targets
 from .lorafile import LoraFile, read_lora
@@ -182,14 +183,6 @@ def _merged(f: TensorFile, plan: Mapping[str, list[Contribution]], dtype: torch.
     return output, ring, written
 
 
-def _prefetched(f: TensorFile, keys: list[str]) -> Iterator[str]:
-    """The keys in order, each announced to the OS as it is handed out (the layer map draws a few
-    ahead of the writer, so the page cache fills while earlier tensors are merged)."""
-    for key in keys:
-        f.prefetch(key)
-        yield key
-
-
 def _out_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and stored.is_floating_point else stored
 
@@ -233,7 +226,7 @@ def merge_lora(base_path: PathLike, lora_path: PathLike | Sequence[PathLike], mu
         meta["ortholora_merge"] = json.dumps([{"file": p.name, "multiplier": m} for p, m in zip(paths, mults)])
         output, ring, written = _merged(f, plan, dtype, (base, out))
         # layers merged on worker threads, in order, while the writer writes the previous ones
-        stream = parallel_map(output, _prefetched(f, [s.name for s in specs]), ahead=AHEAD)
+        stream = parallel_map(output, prefetched([s.name for s in specs], (f,), str), ahead=AHEAD)
         done = 0
 
         def produce(key: str) -> torch.Tensor | FileSlice:
