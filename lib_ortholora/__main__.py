@@ -10,4 +10,4 @@ from .cli import main  # noqa: E402
 
 gc.freeze()  # the ~170 000 objects of torch's import are never garbage: collections skip them
 
-sys.exit(main())
+sys.exit(main(prog="python -m lib_ortholora"))

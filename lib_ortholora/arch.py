@@ -11,10 +11,61 @@ from functools import lru_cache
 from typing import Iterator, Mapping
 
 from .errors import OrthoLoraError
+from .shapes import Shape
 
-Shape = tuple[int, ...]
-ARCHS = ("sd15", "sd2", "sdxl")
 UNET = "model.diffusion_model."
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How a LoRA for one prediction type of an architecture is labelled in its metadata."""
+
+    base_version: str
+    """kohya's `ss_base_model_version`."""
+    modelspec: str
+    """`modelspec.architecture`."""
+    resolution: str
+    """`modelspec.resolution`."""
+
+
+@dataclass(frozen=True)
+class ArchNames:
+    """What an architecture is called: by us (`title`) and in LoRA metadata (kohya, modelspec)."""
+
+    title: str
+    modelspec_family: str
+    """The prefix of every `modelspec.architecture` value read as this architecture."""
+    implementation: str
+    """`modelspec.implementation`: the codebase whose module names the keys follow, as kohya writes
+    it (SD1/SD2 UNet names are diffusers', SDXL's are Stability's generative-models')."""
+    epsilon: Variant
+    v: Variant
+    """SD1 and SDXL have no separate ModelSpec id for v-prediction (`modelspec.prediction_type`
+    says it); SD2's 768-v models do."""
+
+    def variant(self, prediction: str | None) -> Variant:
+        """The labels written for a base of this prediction type (epsilon when unknown)."""
+        return self.v if prediction == "v" else self.epsilon
+
+    @property
+    def base_versions(self) -> tuple[str, ...]:
+        """kohya's `ss_base_model_version` values read as this architecture."""
+        return tuple(dict.fromkeys((self.epsilon.base_version, self.v.base_version)))
+
+
+_SDXL_BASE = Variant("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "1024x1024")
+ARCH_NAMES = {
+    "sd15": ArchNames("SD1.x", "stable-diffusion-v1", "diffusers",
+                      Variant("sd_v1", "stable-diffusion-v1/lora", "512x512"),
+                      Variant("sd_v1_v", "stable-diffusion-v1/lora", "512x512")),
+    "sd2": ArchNames("SD2.x", "stable-diffusion-v2", "diffusers",
+                     Variant("sd_v2", "stable-diffusion-v2-512/lora", "512x512"),
+                     Variant("sd_v2_v", "stable-diffusion-v2-768-v/lora", "768x768")),
+    "sdxl": ArchNames("SDXL", "stable-diffusion-xl", "https://github.com/Stability-AI/generative-models",
+                      _SDXL_BASE, _SDXL_BASE),
+}
+"""The one table of architectures: id → names."""
+ARCHS = tuple(ARCH_NAMES)
 
 
 @dataclass(frozen=True)
@@ -26,7 +77,7 @@ class Arch:
 
     @property
     def title(self) -> str:
-        return {"sd15": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}[self.id] + (" inpainting" if self.inpaint else "")
+        return ARCH_NAMES[self.id].title + (" inpainting" if self.inpaint else "")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,5 @@
-"""Per-rank / per-slice diag vectors for joined LoRAs (F§5, DESIGN "Joined-LoRA metadata").
-
-A joined LoRA stores, for every module, the concatenation of its sources' rank axes. A diag
-vector v rescales that axis: dW = up · diag(v) · down · scale. This module holds the pure parts:
+"""Diag vectors: rescaling a LoRA's rank axis, dW = scale · up · diag(v) · down
+(docs/formats.md#diag); on a joined LoRA (`joinmeta`) they toggle its sources' slices.
 
 - ``parse_diag(text)``: the user's spec, one of two forms, items separated by ',' only
   (inside a webui prompt ':' separates the tag's items, so a spec never contains ':'):
@@ -11,42 +9,44 @@ vector v rescales that axis: dW = up · diag(v) · down · scale. This module ho
       built-in LoRA runtime and breaks the batch. Sources not named keep 1.
   Whitespace around items, names, '*', '=' and '@' is ignored. Anything else is an
   ``OrthoLoraError``; nothing else escapes.
-- ``JoinInfo`` / ``join_info_from_metadata`` / ``make_join_metadata``: the ``ortholora_join``
-  metadata (JSON) the join writes and the runtime hook reads.
-- ``diag_vector(spec, info, module)``: the float32 vector for one module.
-- ``apply_diag_to_up(up, v)``: up's columns scaled by v (2-D [out, r] or kohya 4-D [out, r, 1, 1]).
+- ``layout_vector`` / ``diag_vector`` / ``layout_vectors``: the float32 vector of one slice layout,
+  of one module, of every layout of a ``SliceIndex`` (one per layout, shared by its modules).
+- ``apply_diag_to_up(up, v)``: up's columns scaled by v (2-D [out, r] or kohya 4-D [out, r, 1, 1]);
+  ``apply_diag`` / ``drop_zero_ranks`` on a ``LowRank``.
+- ``bake_diag``: the operation, a file with a spec baked in.
 
-No webui import here; the hook (scripts/ortholora_hook.py) is a thin adapter over these.
+The runtime hook (scripts/ortholora_hook.py) is a thin adapter over the pure parts.
 """
 from __future__ import annotations
 
-import json
+import itertools
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .errors import OrthoLoraError
+from . import arguments, prediction
+from .arch import Arch
+from .errors import OrthoLoraError, quote
+from .fileio import open_tensors
+from .joinmeta import (META_KEY, RESERVED_NAME_CHARS, JoinInfo, JoinSource, SliceIndex, join_info_from_metadata,
+                       make_join_metadata, safe_source_name)
+from .lorafile import carried_metadata, read_lora, write_lora
+from .lowrank import LowRank
+from .paths import PathLike
+from .progress import Progress
+from .report import Report, Row, Status
+from .run import Run
 
-META_KEY = "ortholora_join"
-"""safetensors metadata key that marks a joined LoRA."""
-
-JOIN_VERSION = 1
 MAX_DIAG_LENGTH = 65536
 """Longest per-rank vector a spec may expand to (guards against `1*999999999`)."""
 MAX_SPEC_CHARS = 100_000
-RESERVED_NAME_CHARS = ",=@:*<>"
-"""Characters a source name cannot contain (they are syntax in a spec or a prompt)."""
 
 _FLOAT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 _COUNT = re.compile(r"\d{1,6}", re.ASCII)
-
-
-def _short(text: str, limit: int = 60) -> str:
-    text = " ".join(text.split())
-    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 @dataclass(frozen=True)
@@ -91,10 +91,10 @@ def _fmt(x: float) -> str:
 def _parse_float(text: str, where: str) -> float:
     t = text.strip()
     if not _FLOAT.fullmatch(t):
-        raise OrthoLoraError(f"diag spec: {where} {_short(t)} is not a number")
+        raise OrthoLoraError(f"diag spec: {where} {quote(t)} is not a number")
     x = float(t)
     if not math.isfinite(x):
-        raise OrthoLoraError(f"diag spec: {where} {_short(t)} is not a finite number")
+        raise OrthoLoraError(f"diag spec: {where} {quote(t)} is not a finite number")
     return x
 
 
@@ -108,14 +108,14 @@ def parse_diag(spec: str) -> DiagSpec:
     if not text:
         raise OrthoLoraError("diag spec is empty")
     if ":" in text:
-        raise OrthoLoraError(f"diag spec {_short(text)} contains ':'; separate items with ','")
+        raise OrthoLoraError(f"diag spec {quote(text)} contains ':'; separate items with ','")
     items = [s.strip() for s in text.split(",")]
     if any(not s for s in items):
-        raise OrthoLoraError(f"diag spec {_short(text)} has an empty item")
+        raise OrthoLoraError(f"diag spec {quote(text)} has an empty item")
 
     named = [("=" in s or "@" in s) for s in items]
     if any(named) and not all(named):
-        raise OrthoLoraError(f"diag spec {_short(text)} mixes per-slice (name=value) and per-rank items")
+        raise OrthoLoraError(f"diag spec {quote(text)} mixes per-slice (name=value) and per-rank items")
 
     if all(named):
         slices: list[tuple[str, float]] = []
@@ -124,11 +124,11 @@ def parse_diag(spec: str) -> DiagSpec:
             cut = min(i for i in (item.find("="), item.find("@")) if i >= 0)
             name, value = item[:cut].strip(), item[cut + 1:]
             if not name:
-                raise OrthoLoraError(f"diag spec item {_short(item)} has no source name")
+                raise OrthoLoraError(f"diag spec item {quote(item)} has no source name")
             if any(c in name for c in RESERVED_NAME_CHARS):
-                raise OrthoLoraError(f"diag spec item {_short(item)}: bad source name {_short(name)}")
+                raise OrthoLoraError(f"diag spec item {quote(item)}: bad source name {quote(name)}")
             if name in seen:
-                raise OrthoLoraError(f"diag spec names source {_short(name)} twice")
+                raise OrthoLoraError(f"diag spec names source {quote(name)} twice")
             seen.add(name)
             slices.append((name, _parse_float(value, f"value of {name!r}")))
         return DiagSpec("slice", slices=tuple(slices))
@@ -139,10 +139,10 @@ def parse_diag(spec: str) -> DiagSpec:
             value, _, count = item.partition("*")
             count = count.strip()
             if not _COUNT.fullmatch(count):
-                raise OrthoLoraError(f"diag spec item {_short(item)}: repeat count must be a whole number")
+                raise OrthoLoraError(f"diag spec item {quote(item)}: repeat count must be a whole number")
             n = int(count)
             if n < 1:
-                raise OrthoLoraError(f"diag spec item {_short(item)}: repeat count must be at least 1")
+                raise OrthoLoraError(f"diag spec item {quote(item)}: repeat count must be at least 1")
         else:
             value, n = item, 1
         x = _parse_float(value, "value")
@@ -152,169 +152,68 @@ def parse_diag(spec: str) -> DiagSpec:
     return DiagSpec("rank", values=tuple(values))
 
 
-# --------------------------------------------------------------------------- join metadata
-
-
-@dataclass(frozen=True)
-class JoinSource:
-    name: str
-    file: str
-    ratio: float
-
-
-@dataclass(frozen=True)
-class JoinInfo:
-    """Parsed ``ortholora_join``: sources in rank order and each module's per-source ranks."""
-
-    sources: tuple[JoinSource, ...]
-    ranks: Mapping[str, tuple[int, ...]]
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.sources)
-
-    def module_ranks(self, module: str) -> tuple[int, ...]:
-        r = self.ranks.get(module)
-        if r is None:
-            raise OrthoLoraError(f"joined LoRA metadata has no ranks for module {module}")
-        return r
-
-    def total_rank(self, module: str) -> int:
-        return sum(self.module_ranks(module))
-
-
-def safe_source_name(text: str) -> str:
-    """``text`` made usable as a source name (reserved characters and whitespace runs → '_')."""
-    out = "".join("_" if c in RESERVED_NAME_CHARS else c for c in str(text))
-    out = "_".join(out.split())
-    return out or "source"
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _join_info_from_obj(obj) -> JoinInfo:
-    bad = "joined LoRA metadata (ortholora_join)"
-    if not isinstance(obj, Mapping):
-        raise OrthoLoraError(f"{bad} is not a JSON object")
-    version = obj.get("version")
-    if version != JOIN_VERSION or not _is_int(version):
-        raise OrthoLoraError(f"{bad} has unsupported version {version!r} (expected {JOIN_VERSION})")
-    raw_sources = obj.get("sources")
-    if not isinstance(raw_sources, list) or not raw_sources:
-        raise OrthoLoraError(f"{bad}: 'sources' must be a non-empty list")
-    sources: list[JoinSource] = []
-    for i, s in enumerate(raw_sources):
-        if not isinstance(s, Mapping):
-            raise OrthoLoraError(f"{bad}: source {i} is not an object")
-        name, file, ratio = s.get("name"), s.get("file", ""), s.get("ratio", 1.0)
-        if not isinstance(name, str) or not name or name != name.strip() \
-                or any(c in name for c in RESERVED_NAME_CHARS):
-            raise OrthoLoraError(f"{bad}: source {i} has a bad name {name!r}")
-        if not isinstance(file, str):
-            raise OrthoLoraError(f"{bad}: source {name!r} has a bad file {file!r}")
-        if not _is_num(ratio):
-            raise OrthoLoraError(f"{bad}: source {name!r} has a bad ratio {ratio!r}")
-        sources.append(JoinSource(name, file, float(ratio)))
-    names = [s.name for s in sources]
-    if len(set(names)) != len(names):
-        raise OrthoLoraError(f"{bad}: source names are not unique: {', '.join(names)}")
-    raw_ranks = obj.get("ranks")
-    if not isinstance(raw_ranks, Mapping):
-        raise OrthoLoraError(f"{bad}: 'ranks' must be an object")
-    ranks: dict[str, tuple[int, ...]] = {}
-    for module, r in raw_ranks.items():
-        if not isinstance(module, str) or not module:
-            raise OrthoLoraError(f"{bad}: bad module name {module!r}")
-        if not isinstance(r, (list, tuple)) or len(r) != len(sources) \
-                or not all(_is_int(x) and x >= 0 for x in r):
-            raise OrthoLoraError(f"{bad}: ranks of {module} must be {len(sources)} whole numbers >= 0")
-        if sum(r) == 0:
-            raise OrthoLoraError(f"{bad}: module {module} has total rank 0")
-        ranks[module] = tuple(int(x) for x in r)
-    return JoinInfo(tuple(sources), ranks)
-
-
-def join_info_from_metadata(metadata: Mapping | None) -> JoinInfo | None:
-    """The join record of a file's metadata; None when the file is not a joined LoRA.
-
-    The value may be the JSON string as stored, or the already-decoded object (the webui decodes
-    metadata strings that start with '{' when it reads a safetensors header).
-    """
-    if not isinstance(metadata, Mapping):
-        return None
-    raw = metadata.get(META_KEY)
-    if raw is None:
-        return None
-    if isinstance(raw, (str, bytes)):
-        try:
-            obj = json.loads(raw)
-        except (ValueError, RecursionError) as e:
-            raise OrthoLoraError(f"joined LoRA metadata (ortholora_join) is not valid JSON: {e}") from None
-    else:
-        obj = raw
-    return _join_info_from_obj(obj)
-
-
-def make_join_metadata(sources: Sequence, ranks: Mapping[str, Sequence[int]]) -> str:
-    """The ``ortholora_join`` string for a joined file.
-
-    ``sources``: JoinSource objects, mappings with name/file/ratio, or (name, file, ratio) tuples,
-    in rank order. ``ranks``: module → per-source ranks (0 where a source lacks the module).
-    Validated exactly as the reader validates; bad input → OrthoLoraError.
-    """
-    rows = []
-    for s in sources:
-        if isinstance(s, JoinSource):
-            name, file, ratio = s.name, s.file, s.ratio
-        elif isinstance(s, Mapping):
-            name, file, ratio = s.get("name"), s.get("file", ""), s.get("ratio", 1.0)
-        elif isinstance(s, (tuple, list)) and len(s) == 3:
-            name, file, ratio = s
-        else:
-            raise OrthoLoraError(f"join metadata: bad source {s!r}")
-        if _is_num(ratio):
-            ratio = float(ratio)
-        rows.append({"name": name, "file": file, "ratio": ratio})
-    obj = {
-        "version": JOIN_VERSION,
-        "sources": rows,
-        "ranks": {m: [int(x) if _is_int(x) else x for x in r] if isinstance(r, (list, tuple)) else r
-                  for m, r in ranks.items()},
-    }
-    _join_info_from_obj(obj)  # same checks as the reader
-    return json.dumps(obj, separators=(",", ":"))
-
-
 # --------------------------------------------------------------------------- vectors
 
 
-def diag_vector(spec: DiagSpec | None, info: JoinInfo, module: str) -> torch.Tensor | None:
-    """The float32 diag vector of ``module`` (length Σ r_i); None when ``spec`` is None."""
-    if spec is None:
-        return None
-    ranks = info.module_ranks(module)
-    total = sum(ranks)
-    if spec.kind == "rank":
-        if len(spec.values) != total:
-            raise OrthoLoraError(
-                f"diag vector has {len(spec.values)} values but module {module} has rank {total} "
-                f"({'+'.join(str(r) for r in ranks)})")
-        return torch.tensor(spec.values, dtype=torch.float32)
-    known = info.names
+def _plus(ranks: Iterable[int]) -> str:
+    return "+".join(str(r) for r in ranks)
+
+
+def _slice_values(spec: DiagSpec, info: JoinInfo) -> list[float]:
+    """A per-slice spec's value for each source, in source order (1 where not named)."""
     value_of = dict(spec.slices)
-    unknown = [n for n in value_of if n not in known]
+    unknown = [n for n in value_of if n not in info.names]
     if unknown:
         raise OrthoLoraError(
-            f"diag spec names unknown source(s) {', '.join(unknown)}; this LoRA joins {', '.join(known)}")
-    parts = [torch.full((r,), float(value_of.get(n, 1.0)), dtype=torch.float32)
-             for n, r in zip(known, ranks) if r]
-    return torch.cat(parts)
+            f"diag spec names unknown source(s) {', '.join(unknown)}; this LoRA joins {', '.join(info.names)}")
+    return [float(value_of.get(n, 1.0)) for n in info.names]
+
+
+def layout_vector(spec: DiagSpec, info: JoinInfo, ranks: tuple[int, ...], module: str) -> torch.Tensor:
+    """The float32 vector of a module whose per-source ranks are ``ranks`` (``module`` names it in errors).
+
+    Per slice: source i's value repeated r_i times. Per rank (n values): the values as they are when
+    n = Σ r_i; otherwise, when n = Σ R_i (R = ``info.full_ranks``), v is read as one block of R_i
+    values per source: a source the module lacks (r_i = 0) is skipped, a full one (r_i = R_i) takes
+    its block, a partial one (0 < r_i < R_i) takes its block's value if the block is constant (which
+    r_i of the R_i values were meant is otherwise unknown: refused). Anything else is refused.
+    """
+    if spec.kind == "slice":
+        return torch.tensor([x for x, r in zip(_slice_values(spec, info), ranks) for _ in range(r)],
+                            dtype=torch.float32)
+    n, total, full = len(spec.values), sum(ranks), info.full_ranks
+    if n == total:
+        return torch.tensor(spec.values, dtype=torch.float32)
+    if n != sum(full):
+        raise OrthoLoraError(
+            f"diag vector has {n} values but module {module} has rank {total} ({_plus(ranks)}); a per-rank v "
+            f"needs the module's rank or the sources' full ranks {_plus(full)} = {sum(full)}")
+    parts: list[float] = []
+    start = 0
+    for name, r, whole in zip(info.names, ranks, full):
+        block = spec.values[start:start + whole]
+        start += whole
+        if r == whole:
+            parts.extend(block)
+        elif r:
+            if len(set(block)) > 1:
+                raise OrthoLoraError(
+                    f"module {module} has {r} of source {name}'s {whole} ranks and v varies over that source's "
+                    f"ranks; give that source one value (or use per-slice name=value)")
+            parts.extend(block[:1] * r)
+    return torch.tensor(parts, dtype=torch.float32)
+
+
+def diag_vector(spec: DiagSpec | None, info: JoinInfo, module: str) -> torch.Tensor | None:
+    """The float32 diag vector of ``module`` (length Σ r_i, see ``layout_vector``); None when ``spec`` is None."""
+    if spec is None:
+        return None
+    return layout_vector(spec, info, info.module_ranks(module), module)
+
+
+def layout_vectors(spec: DiagSpec, index: SliceIndex) -> list[torch.Tensor]:
+    """One vector per group of ``index``, in its order; OrthoLoraError names a module that cannot take ``spec``."""
+    return [layout_vector(spec, index.info, layout, names[0]) for layout, names in index.groups]
 
 
 def apply_diag_to_up(up: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -330,3 +229,85 @@ def apply_diag_to_up(up: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     view = v.to(device=up.device, dtype=work).reshape(1, -1, *([1] * (up.dim() - 2)))
     out = up.to(work) * view
     return out.to(up.dtype) if up.is_floating_point() else out
+
+
+def apply_diag(lr: LowRank, v: torch.Tensor) -> LowRank:
+    """dW = scale·up·diag(v)·down: up's columns multiplied by v."""
+    return LowRank(apply_diag_to_up(lr.up.float(), v), lr.down, lr.scale, lr.shape)
+
+
+def drop_zero_ranks(lr: LowRank, v: torch.Tensor, ranks: Sequence[int]) -> tuple[LowRank, list[int]]:
+    """Remove the directions where v = 0 (exact: they contribute nothing); per-slice ranks updated."""
+    keep = v != 0
+    bounds = [0, *itertools.accumulate(ranks)]
+    new_ranks = [int(keep[a:b].sum()) for a, b in zip(bounds, bounds[1:])]
+    return LowRank(lr.up[:, keep], lr.down[keep], lr.scale, lr.shape), new_ranks
+
+
+# --------------------------------------------------------------------------- the operation
+
+
+def _stored_dtype(path: Path) -> torch.dtype:
+    """The dtype of the first floating tensor of a file."""
+    with open_tensors(path) as f:
+        return next((f.dtype(k) for k in f.keys() if f.dtype(k).is_floating_point), torch.float16)
+
+
+def bake_diag(lora_path: PathLike, spec: str | DiagSpec, save_path: PathLike, *, keep_zero: bool = False,
+              dtype: torch.dtype | None = None, overwrite: bool = False, progress: Progress | None = None) -> Report:
+    """Write a LoRA with a diag spec baked in (up's columns × v). A per-slice spec needs a joined
+    LoRA; a per-rank spec also works on a plain one (every module's rank must match). Directions
+    with v = 0 leave the file (and the slices metadata shrinks to match) unless `keep_zero`."""
+    path, save_path = arguments.path(lora_path, "lora_path"), arguments.path(save_path, "save_path")
+    if isinstance(spec, str):
+        spec = parse_diag(spec)
+    keep_zero = arguments.flag(keep_zero, "keep_zero")
+    dtype = None if dtype is None else arguments.output_dtype(dtype)
+    with Run("diag", progress) as run:
+        run.claim([save_path], inputs=[path], overwrite=overwrite)
+        read = run.phase("read", 1)
+        lf = read_lora(path)
+        read.step(path.name)
+        if lf.arch is None:
+            raise OrthoLoraError("no module name matches SD1, SD2 or SDXL layers", path)
+        lowranks = lf.lowranks()
+        try:
+            info = join_info_from_metadata(lf.metadata) or JoinInfo(
+                (JoinSource(safe_source_name(lf.stem), path.name, 1.0),), {n: (lr.rank,) for n, lr in lowranks.items()})
+        except OrthoLoraError as e:
+            raise OrthoLoraError(e.problem, path) from None
+        report = run.report
+        out, ranks = {}, {}
+        bake = run.phase("bake", len(lowranks))
+        for name, lr in lowranks.items():
+            bake.step(name)
+            try:
+                v = diag_vector(spec, info, name)
+                if info.total_rank(name) != lr.rank:
+                    raise OrthoLoraError(f"module {name} has rank {lr.rank} but the join metadata says "
+                                         f"{info.total_rank(name)}")
+            except OrthoLoraError as e:
+                raise OrthoLoraError(e.problem, path) from None
+            baked, r = apply_diag(lr, v), list(info.module_ranks(name))
+            if not keep_zero:
+                baked, r = drop_zero_ranks(baked, v, r)
+            if baked.rank == 0:
+                report.add(Row(name, Status.DROPPED, old_rank=lr.rank, rank=0))
+                continue
+            out[name], ranks[name] = baked, r
+            report.add(Row(name, old_rank=lr.rank, rank=baked.rank, extra={"slices": "+".join(map(str, r))}))
+        if not out:
+            raise OrthoLoraError(f"diag {spec.text} leaves nothing: every direction is 0", path)
+        extra = {**carried_metadata(lf.metadata, lf.arch), "ortholora_diag": spec.text}
+        report.totals["architecture"] = Arch(lf.arch).title
+        if META_KEY in lf.metadata:
+            used = [i for i in range(len(info.sources)) if any(r[i] for r in ranks.values())]
+            extra[META_KEY] = make_join_metadata([info.sources[i] for i in used],
+                                                 {n: [r[i] for i in used] for n, r in ranks.items()})
+            report.totals["sources_kept"] = ", ".join(info.sources[i].name for i in used)
+        write = run.phase("write", 1)
+        write_lora(save_path, out, lf.arch, dtype or _stored_dtype(path), extra, overwrite,
+                   prediction.common([lf.metadata]))
+        write.step(save_path.name)
+        report.totals.update({"diag": spec.text, "modules": len(out), "dropped": report.count(Status.DROPPED)})
+    return run.report

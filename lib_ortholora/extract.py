@@ -2,39 +2,35 @@
 
 Per targeted layer: D = W_tuned − W_base (float32, the q/k/v row block for open_clip in_proj),
 skipped (and reported) when max|D| ≤ skip; otherwise the top-r singular triplets of D reshaped to
-[out, in·k·k] give up = U·√S, down = √S·Vᴴ, alpha = r. r follows a rank policy (rank.py); 3×3
+[out, in·k·k] give up = U·√S, down = √S·Vᴴ (scale 1; on disk with the file's one alpha,
+lorafile.file_alpha). r follows a rank policy (rank.py); 3×3
 convs may follow their own policy or be left out.
 """
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
 
 from . import arch as _arch
+from . import arguments
 from .errors import OrthoLoraError
-from .fileio import TensorFile, open_tensors, prefetched
-from .keys import Target, targets
+from .fileio import TensorFile, check_finite, open_tensors, prefetched
+from .keys import Target, rows_of, targets
 from .lorafile import write_lora
 from .lowrank import LowRank, balanced
 from .memory import PerThread, Workspace
-from .normcache import parallel_map
+from .parallel import parallel_map
+from .prediction import checked as checked_prediction, detect as detect_prediction
 from .progress import Progress
 from .rank import RankPolicy, as_policy
-from .report import Report, Row
+from .report import Report, Row, Status
+from .run import Run
+from .shapes import as_matrix
 from .svd import exact_svd, truncated_svd
 
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` → cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise OrthoLoraError(f"unknown device {device!r}; use cpu, cuda or auto") from None
+SVD_METHODS = ("auto", "exact", "randomized")
 
 
 def peak(x: torch.Tensor) -> float:
@@ -63,7 +59,7 @@ def decompose(d: torch.Tensor, shape: tuple[int, ...], policy: RankPolicy, svd: 
     """Best rank-r approximation of a delta under `policy`; returns it and its relative Frobenius
     error ‖D − U_r·S_r·V_rᴴ‖_F / ‖D‖_F. Scratch arrays of D's size come from `work` (its
     `scratch` buffer) when given, so that a loop over layers reuses one."""
-    mat = d.reshape(shape[0], -1)
+    mat = as_matrix(d)
     scratch = work.take("scratch", mat.shape, mat.dtype) if work is not None else torch.empty_like(mat)
     scale = _safe_scale(peak(mat))
     energy = _sum_of_squares(mat, scratch, scale)
@@ -105,25 +101,25 @@ def _layer_delta(t: Target, base: torch.Tensor, tuned: torch.Tensor, files: tupl
     if base.shape != tuned.shape:
         raise OrthoLoraError(f"{t.ckpt_key} is {tuple(tuned.shape)} in the tuned file but "
                              f"{tuple(base.shape)} in the base", files[1].path)
-    rows = slice(*t.rows) if t.rows else slice(None)
-    d = work.take("delta", tuned[rows].shape, torch.float32).copy_(tuned[rows])
-    d.sub_(work.take("scratch", base[rows].shape, torch.float32).copy_(base[rows]))
+    whole = (base, tuned)
+    tuned, base = rows_of(tuned, t.rows), rows_of(base, t.rows)
+    d = work.take("delta", tuned.shape, torch.float32).copy_(tuned)
+    d.sub_(work.take("scratch", base.shape, torch.float32).copy_(base))
     largest = peak(d)
     if not math.isfinite(largest):
-        for w, f in zip((base, tuned), files):
-            if w.is_floating_point() and not bool(torch.isfinite(w).all()):
-                raise OrthoLoraError(f"tensor {t.ckpt_key} holds NaN or Inf values", f.path)
+        for w, f in zip(whole, files):
+            check_finite(w, t.ckpt_key, f.path)
         raise OrthoLoraError(f"tensor {t.ckpt_key}: tuned − base overflows float32", files[1].path)
     return d, largest
 
 
 def extract(base: TensorFile, tuned: TensorFile, policy: RankPolicy, conv_policy: RankPolicy | None,
-            skip: float = 1e-6, device: str = "auto", svd: str = "auto",
+            skip: float = 1e-6, device: str | torch.device = "auto", svd: str = "auto",
             progress: Progress | None = None) -> tuple[str, dict[str, LowRank], Report]:
     """Extract from two open checkpoints. `conv_policy=None` leaves resnet/sampler layers out.
     Returns (architecture id, {kohya name: LowRank}, report)."""
     arch, shapes = _pair_arch(base, tuned)
-    dev = resolve_device(device)
+    dev = arguments.device(device)
     todo = targets(arch, shapes, conv=conv_policy is not None)
     report = Report("extract", totals={"architecture": arch.title, "policy": policy.describe(),
                                        "conv_policy": conv_policy.describe() if conv_policy else "off"})
@@ -157,14 +153,14 @@ def extract(base: TensorFile, tuned: TensorFile, policy: RankPolicy, conv_policy
         for t, lr, value in results:
             row = report.add(Row(t.name, extra={"block": t.block, "shape": "×".join(map(str, t.shape))}))
             if lr is None:
-                row.status, row.note = "skipped", f"unchanged: max|ΔW| = {value:.3g} ≤ {skip:g}"
+                row.status, row.note = Status.SKIPPED, f"unchanged: max|ΔW| = {value:.3g} ≤ {skip:g}"
             else:
                 out[t.name] = lr
                 row.rank, row.rel_error = lr.rank, value
             done += 1
             if progress:
                 progress(done, len(todo), t.name)
-    skipped = [r.module for r in report.rows if r.status == "skipped"]
+    skipped = [r.module for r in report.rows if r.status == Status.SKIPPED]
     report.totals.update({"modules": len(out), "skipped": len(skipped),
                           "skipped_text_encoder": sum(n.startswith("lora_te") for n in skipped)})
     if skipped:
@@ -176,33 +172,47 @@ def extract(base: TensorFile, tuned: TensorFile, policy: RankPolicy, conv_policy
     return arch.id, out, report
 
 
-def extract_lora(base_path: str | Path, tuned_path: str | Path, dim: RankPolicy | str | float | int = 0.08,
-                 min_dim: int = 8, max_dim: int | None = 96, save_path: str | Path | None = None, *,
-                 conv_dim: RankPolicy | str | float | int | None = None, conv: bool = True,
+def extract_lora(base_path: str | Path, tuned_path: str | Path, rank: RankPolicy | str | float | int = 0.08,
+                 min_rank: int = 8, max_rank: int | None = 96, save_path: str | Path | None = None, *,
+                 conv_rank: RankPolicy | str | float | int | None = None, conv: bool = True,
                  skip: float = 1e-6, device: str = "auto", svd: str = "auto",
-                 dtype: torch.dtype = torch.float16, overwrite: bool = False,
+                 dtype: torch.dtype = torch.float16, overwrite: bool = False, prediction: str | None = None,
                  progress: Progress | None = None) -> Report:
     """Extract a LoRA from checkpoint files and (with `save_path`) write it as a kohya LoRA.
 
-    `dim`: a float < 1 is a fraction of full rank (⌈dim·in·k²⌉, clamped to [min_dim, max_dim]);
+    `rank`: a float < 1 is a fraction of full rank (⌈rank·in·k²⌉, clamped to [min_rank, max_rank]);
     an int is a fixed rank; a string is any rank policy (`sv_ratio=20`, `fro=0.9,max=64`, …).
-    `conv_dim` is the policy for 3×3 convs (default: same as `dim`); `conv=False` leaves all
-    resnet/sampler layers out.
+    `conv_rank` is the policy for 3×3 convs (default: same as `rank`); `conv=False` leaves all
+    resnet/sampler layers out. `prediction` (`epsilon` / `v`; None or `auto`: detected, see
+    prediction.py) is the tuned model's prediction type, recorded in the metadata.
     """
-    start = time.perf_counter()
-    policy = as_policy(dim, min_dim, max_dim)
-    conv_policy = as_policy(conv_dim, min_dim, max_dim) if conv_dim is not None else policy
-    if save_path is not None and Path(save_path).exists() and not overwrite:
-        raise OrthoLoraError("exists; pass overwrite to replace it", save_path)
-    with open_tensors(base_path) as base, open_tensors(tuned_path) as tuned:
-        arch_id, lowranks, report = extract(base, tuned, policy, conv_policy if conv else None,
-                                            skip, device, svd, progress)
-    if save_path is not None:
-        meta = {"ortholora_operation": "extract", "ortholora_base": Path(base_path).name,
-                "ortholora_tuned": Path(tuned_path).name, "ortholora_policy": report.totals["policy"],
-                "ortholora_conv_policy": report.totals["conv_policy"]}
-        write_lora(save_path, lowranks, arch_id, dtype, meta, overwrite)
-        report.outputs.append(str(save_path))
-        report.totals["output_mb"] = round(Path(save_path).stat().st_size / 2**20, 2)
-    report.totals["seconds"] = round(time.perf_counter() - start, 2)
-    return report
+    policy = as_policy(rank, min_rank, max_rank)
+    conv_policy = as_policy(conv_rank, min_rank, max_rank) if conv_rank is not None else policy
+    skip = arguments.number(skip, "skip", 0)
+    svd = arguments.choice(svd, SVD_METHODS, "svd")
+    dtype = arguments.output_dtype(dtype)
+    conv = arguments.flag(conv, "conv")
+    dev = arguments.device(device)
+    prediction = checked_prediction(prediction)
+    base_path, tuned_path = arguments.path(base_path, "base_path"), arguments.path(tuned_path, "tuned_path")
+    save_path = arguments.optional_path(save_path, "save_path")
+    with Run("extract", progress) as run:
+        if save_path is not None:
+            run.claim([save_path], inputs=[base_path, tuned_path], overwrite=overwrite)
+        with open_tensors(base_path) as base, open_tensors(tuned_path) as tuned:
+            found = detect_prediction(_pair_arch(base, tuned)[0], (tuned, base), prediction)
+            arch_id, lowranks, report = extract(base, tuned, policy, conv_policy if conv else None,
+                                                skip, dev, svd, run.phase("layers"))
+        run.use(report)
+        report.totals["prediction"] = found.describe()
+        if not found.sure:
+            report.warnings.append(f"prediction type {found.describe()}; pass prediction='epsilon' or 'v' "
+                                   "(CLI --prediction) if that is wrong")
+        if save_path is not None:
+            meta = {"ortholora_operation": "extract", "ortholora_base": base_path.name,
+                    "ortholora_tuned": tuned_path.name, "ortholora_policy": report.totals["policy"],
+                    "ortholora_conv_policy": report.totals["conv_policy"]}
+            write = run.phase("write", 1)
+            write_lora(save_path, lowranks, arch_id, dtype, meta, overwrite, found.type)
+            write.step(save_path.name)
+    return run.report

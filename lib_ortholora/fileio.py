@@ -1,5 +1,5 @@
-"""All tensor file I/O: lazy readers, the streamed safetensors writer, atomic outputs, sshs hashes
-and safe output names. Every bad input raises ``OrthoLoraError`` naming the file."""
+"""All tensor file I/O: lazy readers, the safetensors writers (into the temp files of `outputs`), sshs
+hashes and safe output names. Every bad input raises ``OrthoLoraError`` naming the file."""
 from __future__ import annotations
 
 import ctypes
@@ -10,7 +10,6 @@ import json
 import math
 import os
 import pickle
-import secrets
 import threading
 import zipfile
 from abc import ABC, abstractmethod
@@ -20,33 +19,31 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, TypeVar
 
+import numpy
 import safetensors.torch
 import torch
 
-from .errors import OrthoLoraError
+from .dtypes import SAFETENSORS_CODES as _DTYPE_NAMES
+from .dtypes import SAFETENSORS_DTYPES
+from .errors import OrthoLoraError, printable
 from .memory import large_buffers_unmapped_on_free, trim
+from .outputs import atomic_output, write_error
+from .paths import SAFETENSORS, TORCH_SUFFIXES, PathLike
 
-PathLike = str | os.PathLike
 _T = TypeVar("_T")
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-_EXISTS = "exists; pass overwrite to replace it"
+# Caps on what a header can cost. A full SDXL checkpoint's header is 0.36 MB (2,515 tensors);
+# kohya training metadata (tag frequencies of a large dataset, an embedded thumbnail) adds at most a
+# few MB: 16 MiB leaves a margin of 4x or more. The largest Stable Diffusion file has ~7,500 tensors
+# (an SDXL LoHa with Tucker factors on every layer, convs included), checkpoints ~2,500. Both are
+# checked before the JSON is parsed (json_outline): a crafted 16 MiB header is refused in ~0.2 s of
+# CPU and ~0.1 GB, and the costliest file the caps let through (16,384 one-element LoRA modules)
+# reads in ~2 s.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_TENSORS = 32768
+# A header nests 3 levels ({name: {"shape": [...]}}); deeper JSON is never a valid header, and
+# refusing it before parsing keeps json's recursion (and its RecursionError) out of reach.
+MAX_JSON_DEPTH = 8
 
 
 class MissingTensorError(OrthoLoraError, KeyError):
@@ -247,7 +244,7 @@ class FileSlice:
                 position, left = position + got, left - got
         except OSError as err:
             if err.errno not in _NO_KERNEL_COPY:
-                raise _disk_error(err, target) from err
+                raise write_error(err, target) from err
         while left:
             part = chunk[:min(left, len(chunk))]
             self.source._read_at(position, part, self.key)
@@ -289,10 +286,10 @@ def prefetched(items: Iterable[_T], files: Iterable[TensorFile], key: Callable[[
         yield item
 
 
-def open_tensors(path: PathLike) -> TensorFile:
+def open_tensors(path: PathLike | bytes) -> TensorFile:
     """Open a .safetensors file (lazily: header only) or a plain torch weights file."""
     large_buffers_unmapped_on_free()
-    path = Path(path)
+    path = Path(os.fsdecode(path))
     if not path.exists():
         raise OrthoLoraError("file not found", path)
     if path.is_dir():
@@ -332,9 +329,60 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return out
 
 
+_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')  # deleted: all but these
+_STEPS = bytes.maketrans(b'[{]}"', b"\x01\x01\xff\xff\x00")  # +1 / -1 as int8
+_OUTLINE_STEP = 1 << 20
+
+
+@dataclass(frozen=True)
+class JsonOutline:
+    """What the brackets of a JSON text tell before it is parsed."""
+
+    balanced: bool  # every string and every [ / { closed, none closed before it opened
+    depth: int      # deepest nesting of [ / {
+    objects: int    # number of { ... }
+
+
+def json_outline(text: bytes) -> JsonOutline:
+    """The outline of JSON text from its quotes and brackets, in linear time, without recursion and
+    in 1 MiB steps (16 MiB of crafted brackets cost ~0.1 s and ~40 MB). Escaped backslashes, then escaped quotes, are blanked first (a run of backslashes
+    pairs up from its left, as JSON reads it), so each quote left opens or closes a string;
+    brackets inside strings do not count."""
+    marks = text.replace(b"\\\\", b"__").replace(b'\\"', b"__").translate(None, _STRUCTURE)
+    all_codes = numpy.frombuffer(marks, dtype=numpy.uint8)
+    all_steps = numpy.frombuffer(marks.translate(_STEPS), dtype=numpy.int8)
+    in_string = level = deepest = lowest = objects = 0
+    for start in range(0, len(marks), _OUTLINE_STEP):  # numpy: one thread, as cheap as it gets
+        codes = all_codes[start:start + _OUTLINE_STEP]
+        inside = ((numpy.cumsum(codes == ord('"'), dtype=numpy.int32) + in_string) & 1).astype(bool)
+        depth = numpy.cumsum(numpy.where(inside, 0, all_steps[start:start + _OUTLINE_STEP]), dtype=numpy.int32) + level
+        deepest, lowest = max(deepest, int(depth.max())), min(lowest, int(depth.min()))
+        objects += int(numpy.count_nonzero((codes == ord("{")) & ~inside))
+        in_string, level = int(inside[-1]), int(depth[-1])
+    return JsonOutline(level == 0 and lowest >= 0 and not in_string, deepest, objects)
+
+
+def clip(value: object, limit: int = 200) -> str:
+    """A short ``repr`` of a header value for a message: at most ``limit`` characters, and no walk
+    into nested lists or objects."""
+    if isinstance(value, (list, dict)):
+        items = value.values() if isinstance(value, dict) else value
+        if len(value) > 8 or any(isinstance(v, (list, dict)) for v in items):
+            return f"a {type(value).__name__} of {len(value)} items"
+    text = repr(value[:limit] if isinstance(value, str) else value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _parse_header(header: bytes, data_size: int, path: Path
                   ) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], int]], dict[str, str]]:
     """Validate the header; return {name: (dtype, shape, begin)} in header order and metadata."""
+    outline = json_outline(header)
+    if not outline.balanced:
+        raise OrthoLoraError("bad safetensors header (not valid JSON: unbalanced brackets or quotes)", path)
+    if outline.depth > MAX_JSON_DEPTH:
+        raise OrthoLoraError(f"bad safetensors header (JSON nested deeper than {MAX_JSON_DEPTH} levels)", path)
+    if outline.objects > MAX_TENSORS + 2:  # the header, its metadata, one per tensor
+        raise OrthoLoraError(f"bad safetensors header (over {MAX_TENSORS} tensors)", path)
     try:
         parsed = json.loads(header.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError:
@@ -349,7 +397,7 @@ def _parse_header(header: bytes, data_size: int, path: Path
                    for name, (dtype, shape, begin) in entries.items())
     for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
         if begin < end:
-            raise OrthoLoraError(f"bad safetensors header (tensors {first!r} and {second!r} "
+            raise OrthoLoraError(f"bad safetensors header (tensors {clip(first)} and {clip(second)} "
                                  "overlap)", path)
     return entries, metadata
 
@@ -361,7 +409,7 @@ def _check_metadata(metadata: object, path: Path) -> dict[str, str]:
         raise OrthoLoraError("bad safetensors header (__metadata__ is not an object)", path)
     for key, value in metadata.items():
         if not isinstance(value, str):
-            raise OrthoLoraError(f"bad safetensors header (metadata {key!r} is not a string)", path)
+            raise OrthoLoraError(f"bad safetensors header (metadata {clip(key)} is not a string)", path)
     return metadata
 
 
@@ -369,33 +417,40 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+INT64_MAX = 2**63 - 1
+
+
 def _check_entry(name: str, entry: object, data_size: int, path: Path
                  ) -> tuple[torch.dtype, tuple[int, ...], int]:
     """Validate one tensor entry; return (dtype, shape, begin offset in the data section)."""
     def bad(problem: str) -> OrthoLoraError:
-        return OrthoLoraError(f"bad safetensors header (tensor {name!r}: {problem})", path)
+        return OrthoLoraError(f"bad safetensors header (tensor {clip(name)}: {problem})", path)
 
     if not isinstance(entry, dict):
         raise bad("entry is not an object")
     dtype_name = entry.get("dtype")
     dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
-        raise bad(f"unknown dtype {dtype_name!r}")
+        raise bad(f"unknown dtype {clip(dtype_name)}")
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
-        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+        raise bad(f"shape {clip(shape)} is not a list of non-negative integers")
+    # torch computes strides and byte counts in int64, empty dimensions or not
+    if math.prod(max(n, 1) for n in shape) * dtype.itemsize > INT64_MAX:
+        raise bad(f"shape {clip(shape)} is too large")
     offsets = entry.get("data_offsets")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
-        raise bad(f"data_offsets {offsets!r} is not a pair of integers")
+        raise bad(f"data_offsets {clip(offsets)} is not a pair of integers")
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
         if 0 <= begin <= end:  # well-formed offsets past the end: the file was cut short
-            raise OrthoLoraError(f"truncated or corrupt safetensors file (tensor {name!r}: data_offsets "
-                                 f"{offsets} out of range: the data section has only {data_size} bytes)", path)
-        raise bad(f"data_offsets {offsets} out of range (data section has {data_size} bytes)")
+            raise OrthoLoraError(f"truncated or corrupt safetensors file (tensor {clip(name)}: data_offsets "
+                                 f"{clip(offsets)} out of range: the data section has only {data_size} bytes)",
+                                 path)
+        raise bad(f"data_offsets {clip(offsets)} out of range (data section has {data_size} bytes)")
     expected = math.prod(shape) * dtype.itemsize
     if end - begin != expected:
-        raise bad(f"data_offsets span {end - begin} bytes but shape {shape} needs {expected}")
+        raise bad(f"data_offsets span {end - begin} bytes but shape {clip(shape)} needs {expected}")
     return dtype, tuple(shape), begin
 
 
@@ -421,7 +476,23 @@ def _load_torch_weights(path: Path) -> dict[str, torch.Tensor]:
     tensors = _unwrap_state_dict(obj)
     if not tensors:
         raise OrthoLoraError("holds no tensors (not a weights file?)", path)
+    for key, tensor in tensors.items():
+        problem = _not_plain(tensor)
+        if problem:
+            raise OrthoLoraError(f"tensor {clip(key)} {problem}", path)
     return tensors
+
+
+def _not_plain(tensor: torch.Tensor) -> str | None:
+    """Why a tensor from a torch file is not a plain stored array (the only kind a safetensors file
+    can hold, and the only kind the operations handle), or None."""
+    if tensor.layout != torch.strided:
+        return f"is {str(tensor.layout).removeprefix('torch.')}, not a dense tensor"
+    if tensor.dtype not in _DTYPE_NAMES:
+        return f"has dtype {str(tensor.dtype).removeprefix('torch.')}, which cannot be read"
+    if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+        return "repeats its stored values (expanded or overlapping strides)"
+    return None
 
 
 def _tensor_items(obj: object) -> dict[str, torch.Tensor]:
@@ -461,68 +532,6 @@ def check_finite(tensor: torch.Tensor, key: str, path: PathLike | None) -> None:
 # Writing
 
 
-def _disk_error(err: OSError, target: Path) -> OrthoLoraError:
-    return OrthoLoraError(f"cannot write: {err.strerror or err}", target)
-
-
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY if directory else os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish(tmp: Path, target: Path, overwrite: bool) -> None:
-    """Move the finished temp file to ``target``; without ``overwrite`` never clobber a file."""
-    if overwrite:
-        os.replace(tmp, target)
-        return
-    try:
-        os.link(tmp, target)
-    except FileExistsError:
-        raise OrthoLoraError(_EXISTS, target) from None
-    except OSError:  # no hard links on this filesystem
-        if os.path.lexists(target):
-            raise OrthoLoraError(_EXISTS, target) from None
-        os.replace(tmp, target)
-        return
-    os.unlink(tmp)
-
-
-@contextmanager
-def atomic_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; on success fsync it and move it to ``path``.
-
-    On any error the temp file is removed and the error re-raised; the target is untouched."""
-    target = Path(path)
-    if target.is_dir():
-        raise OrthoLoraError("is a folder", target)
-    if not overwrite and os.path.lexists(target):
-        raise OrthoLoraError(_EXISTS, target)
-    if not target.parent.is_dir():
-        raise OrthoLoraError("output folder does not exist", target)
-    tmp = target.parent / f".{target.stem}.{secrets.token_hex(6)}.tmp"
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except OSError as err:
-        raise _disk_error(err, target) from err
-    try:
-        yield tmp
-        try:
-            _fsync_path(tmp)
-            _publish(tmp, target, overwrite)
-        except OSError as err:
-            raise _disk_error(err, target) from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        _fsync_path(target.parent, directory=True)
-    except OSError:  # not every platform/filesystem can fsync a folder; the file itself is synced
-        pass
-
-
 def _write_all(file: io.FileIO, data: bytes | memoryview, target: Path) -> None:
     """Write every byte to an unbuffered file, turning OS errors into errors naming ``target``."""
     view = memoryview(data).cast("B")
@@ -530,7 +539,7 @@ def _write_all(file: io.FileIO, data: bytes | memoryview, target: Path) -> None:
         while view:
             view = view[file.write(view):]
     except OSError as err:
-        raise _disk_error(err, target) from err
+        raise write_error(err, target) from err
 
 
 @contextmanager
@@ -538,7 +547,7 @@ def _open_temp(tmp: Path, target: Path) -> Iterator[io.FileIO]:
     try:
         file = open(tmp, "wb", buffering=0)
     except OSError as err:
-        raise _disk_error(err, target) from err
+        raise write_error(err, target) from err
     with file:
         yield file
 
@@ -561,11 +570,13 @@ class TensorSpec:
 
 
 def _check_metadata_out(metadata: Mapping[str, str] | None, target: Path) -> dict[str, str]:
+    """The metadata as valid UTF-8 strings (a non-UTF-8 file name's bytes written `\\xff`, see
+    `errors.printable`); anything but strings is refused."""
     metadata = dict(metadata or {})
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise OrthoLoraError(f"metadata {key!r} must map a string to a string", target)
-    return metadata
+    return {printable(key): printable(value) for key, value in metadata.items()}
 
 
 def _safetensors_header(specs: list[TensorSpec], metadata: dict[str, str], target: Path) -> bytes:
@@ -622,7 +633,7 @@ def write_safetensors_streamed(path: PathLike, specs: list[TensorSpec],
     at the next call at the latest."""
     target = Path(path)
     head = _safetensors_header(specs, _check_metadata_out(metadata, target), target)
-    with atomic_output(target, overwrite) as tmp, _open_temp(tmp, target) as file:
+    with atomic_output(target, overwrite, SAFETENSORS) as tmp, _open_temp(tmp, target) as file:
         _write_all(file, head, target)
         sink = _Sink(file, target, len(head), written)
         with ThreadPoolExecutor(max_workers=1) as writer:
@@ -693,18 +704,13 @@ def _owned_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def _hashes_of(blob: bytes) -> dict[str, str]:
+    """kohya's ``sshs_model_hash``/``sshs_legacy_hash`` of a file saved with the ss_* metadata:
+    model hash = sha256 of the data section, legacy = sha256 of bytes [1 MiB, 1 MiB + 64 KiB)."""
     data_start = 8 + int.from_bytes(blob[:8], "little")
     return {
         "sshs_model_hash": hashlib.sha256(memoryview(blob)[data_start:]).hexdigest(),
         "sshs_legacy_hash": hashlib.sha256(memoryview(blob)[0x100000:0x110000]).hexdigest()[:8],
     }
-
-
-def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
-                ) -> dict[str, str]:
-    """kohya's ``sshs_model_hash``/``sshs_legacy_hash``: tensors saved with the ss_* metadata;
-    model hash = sha256 of the data section, legacy = sha256 of bytes [1 MiB, 1 MiB + 64 KiB)."""
-    return _hashes_of(safetensors.torch.save(dict(tensors), _training(metadata)))
 
 
 def _training(metadata: Mapping[str, str]) -> dict[str, str]:
@@ -717,18 +723,17 @@ def save_lora_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
     Serialized once: the hashed ss_*-only file and the final one share the data section."""
     target = Path(path)
     final = _check_metadata_out(metadata, target)
-    if not overwrite and os.path.lexists(target):
-        raise OrthoLoraError(_EXISTS, target)
-    blob = safetensors.torch.save(_owned_tensors(tensors), _training(final))
-    final.update(_hashes_of(blob))
-    n = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8:8 + n])
-    header["__metadata__"] = final
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with atomic_output(target, overwrite) as tmp, _open_temp(tmp, target) as file:
-        _write_all(file, len(head).to_bytes(8, "little") + head, target)
-        _write_all(file, memoryview(blob)[8 + n:], target)
+    with atomic_output(target, overwrite, SAFETENSORS) as tmp:
+        blob = safetensors.torch.save(_owned_tensors(tensors), _training(final))
+        final.update(_hashes_of(blob))
+        n = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8:8 + n])
+        header["__metadata__"] = final
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        with _open_temp(tmp, target) as file:
+            _write_all(file, len(head).to_bytes(8, "little") + head, target)
+            _write_all(file, memoryview(blob)[8 + n:], target)
     return final
 
 
@@ -759,7 +764,7 @@ def safe_output_path(folder: PathLike, name: str, suffix: str = ".safetensors") 
         raise refuse("must not start with '.'")
     if not name.lower().endswith(suffix.lower()):
         name += suffix
-    if len(name.encode("utf-8")) > 255:
+    if len(os.fsencode(name)) > 255:  # the file system's bytes (a non-UTF-8 input name's included)
         raise refuse("is too long")
     result = base / name
     if result.resolve().parent != base:

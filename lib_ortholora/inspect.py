@@ -1,20 +1,28 @@
-"""Summary of a LoRA-like file: family, architecture, per-module rank/alpha/scale/norm, per-block energy.
+"""Summary of a LoRA-like file: family, architecture, per-module rank/alpha/scale/norm, per-block energy,
+and any module's singular values.
 
 norm = ‖dW‖_F (scale included, multiplier 1), from the factors when the exact low-rank form is narrower
 than the layer (√tr((upᵀup)(down downᵀ))·|scale|), else from dW. Block energy = Σ‖dW‖²_F over the
-block's modules, as a share of the file's total.
+block's modules, as a share of the file's total. The spectrum of a module is the singular values of
+its dW flattened to [out, in·k·k], from the factors when it has an exact low-rank form
+(docs/formats.md#factor-svd), else from dW.
 """
 from __future__ import annotations
 
-import math
-import os
-from pathlib import Path
 
-from .arch import Arch
+import torch
+
+from . import arguments
+from .arch import ARCHS, Arch
 from .keys import name_table
-from .lorafile import read_lora
+from .lorafile import LoraFile, read_lora
 from .modules import NetworkModule
-from .report import Report, Row
+from .paths import PathLike
+from .progress import Progress
+from .report import Report, Row, Status
+from .run import Run
+from .shapes import as_matrix, full_rank
+from .svd import exact_svd, factor_svd
 
 METADATA_CHARS = 300
 
@@ -22,9 +30,16 @@ METADATA_CHARS = 300
 def module_norm(module: NetworkModule) -> float:
     """‖dW‖_F of one module (scale included)."""
     lr = module.lowrank()
-    if lr is not None and lr.rank < min(module.shape[0], math.prod(module.shape[1:])):
+    if lr is not None and lr.rank < full_rank(module.shape):
         return lr.norm()
     return float(module.delta().norm())
+
+
+def module_spectrum(module: NetworkModule) -> torch.Tensor:
+    """The singular values of one module's dW (scale included), descending, float64."""
+    lr = module.lowrank()
+    s = factor_svd(lr)[1] if lr is not None else exact_svd(as_matrix(module.delta().float()))[1]
+    return s.detach().cpu().double()
 
 
 def block_energy(norms: dict[str, float], arch_id: str | None) -> dict[str, float]:
@@ -43,14 +58,27 @@ def _short(value: str, limit: int) -> str:
     return value if len(value) <= limit else f"{value[:limit]}… ({len(value)} chars)"
 
 
-def inspect_lora(path: str | os.PathLike, arch: str | None = None, full_metadata: bool = False) -> Report:
+def inspect_lora(path: PathLike, arch: str | None = None, full_metadata: bool = False,
+                 progress: Progress | None = None) -> Report:
     """Per-module rows (family, rank, alpha, scale, norm, block) and totals (family, architecture,
     block energy shares, metadata — long values shortened unless `full_metadata`)."""
-    lf = read_lora(Path(path), arch)
+    if arch is not None:
+        arguments.choice(arch, ARCHS, "arch")
+    path = arguments.path(path, "path")
+    with Run("inspect", progress) as run:
+        read = run.phase("read", 1)
+        lf = read_lora(path, arch)
+        read.step(path.name)
+        _summarize(lf, run.report, full_metadata, run.phase("modules", len(lf.modules)))
+    return run.report
+
+
+def _summarize(lf: LoraFile, report: Report, full_metadata: bool, progress: Progress) -> None:
+    """The rows, totals and warnings of an inspect report."""
     table = name_table(lf.arch) if lf.arch else {}
-    report = Report("inspect")
     norms = {}
-    for name, module in lf.modules.items():
+    for i, (name, module) in enumerate(lf.modules.items()):
+        progress(i + 1, len(lf.modules), name)
         lr = module.lowrank()
         norms[name] = module_norm(module)
         extra = {"family": module.family, "block": table[name].block if name in table else "?",
@@ -58,7 +86,7 @@ def inspect_lora(path: str | os.PathLike, arch: str | None = None, full_metadata
                  "norm": norms[name], "shape": "x".join(map(str, module.shape))}
         if module.bias_delta() is not None:
             extra["bias"] = "yes"
-        report.add(Row(name, "unknown" if name in lf.unknown else "ok", rank=module.rank, extra=extra))
+        report.add(Row(name, Status.UNKNOWN if name in lf.unknown else Status.OK, rank=module.rank, extra=extra))
     ranks = sorted({m.rank for m in lf.modules.values() if m.rank is not None})
     report.totals.update({
         "file": str(lf.path),
@@ -73,4 +101,3 @@ def inspect_lora(path: str | os.PathLike, arch: str | None = None, full_metadata
         report.warnings.append(f"{len(lf.unknown)} module(s) match no layer of {report.totals['architecture']}")
     if lf.stray_keys:
         report.warnings.append(f"{len(lf.stray_keys)} tensor(s) outside any module: {', '.join(lf.stray_keys[:5])}")
-    return report

@@ -1,53 +1,35 @@
-"""Exact join of LoRAs along the rank axis, with `ortholora_join` slices metadata (F§5, DESIGN).
+"""Exact join of LoRAs along the rank axis, with `ortholora_join` slices metadata (docs/formats.md#join).
 
 Per module, Σ_i c_i·up_i·down_i with c_i = ratio_i·alpha_i/r_i (signed ratios allowed) is written as
-one LoRA of rank Σ r_i and scale 1 (alpha = rank):
+one LoRA of rank Σ r_i and scale 1 (on disk with the file's one alpha, lorafile.file_alpha):
   up = [σ_1·√|c_1|·up_1 | σ_2·√|c_2|·up_2 | …],  down = [√|c_1|·down_1; √|c_2|·down_2; …],  σ_i = sign c_i.
 Each source's factor stays inside its own columns/rows, so dW = up·diag(v)·down toggles sources
 (v = 1 on slice i, 0 elsewhere gives source i alone). Modules present in only some sources have
 r_i = 0 for the others. Families whose exact low-rank form is missing (full diffs) or wider than the
-layer (LoHa r² ≥ min(out, in·k²)) enter as their exact full-rank SVD.
+layer (LoHa r² ≥ min(out, in·k²)) enter as their exact full-rank SVD (`sources.exact_lowrank`).
 """
 from __future__ import annotations
 
-import itertools
 import math
-import os
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
+from . import arguments, prediction
 from .arch import Arch
-from .diag import (META_KEY, DiagSpec, JoinInfo, JoinSource, apply_diag_to_up, diag_vector, join_info_from_metadata,
-                   make_join_metadata, parse_diag, safe_source_name)
 from .errors import OrthoLoraError
-from .fileio import open_tensors
-from .lorafile import LoraFile, read_lora, write_lora
-from .lowrank import LowRank, balanced
-from .modules import NetworkModule
+from .joinmeta import META_KEY, make_join_metadata
+from .lorafile import write_lora
+from .lowrank import LowRank
 from .progress import Progress
 from .report import Report, Row
-from .svd import exact_svd, factor_svd
-
-PathLike = str | os.PathLike
+from .run import Run
+from .paths import PathLike
+from .sources import read_sources, source_names
 
 
 # ---------------------------------------------------------------------------------------------
 # Pure parts
-
-
-def exact_lowrank(module: NetworkModule) -> LowRank:
-    """The module's exact LowRank (in its layer's layout, which read_lora gives every module), of rank
-    at most min(out, in·k²): its own form when that is narrower, else the exact SVD (of the factors,
-    or of dW for full diffs)."""
-    shape = module.shape
-    full = min(shape[0], math.prod(shape[1:]))
-    lr = module.lowrank()
-    if lr is not None and lr.rank <= full:
-        return LowRank(lr.up, lr.down, lr.scale, shape)
-    u, s, vh = factor_svd(lr) if lr is not None else exact_svd(module.delta().reshape(shape[0], -1))
-    return balanced(u[:, :full], s[:full], vh[:full], shape)
 
 
 def join_lowranks(parts: Sequence[LowRank | None], ratios: Sequence[float]) -> tuple[LowRank, list[int]]:
@@ -79,159 +61,30 @@ def join(sources: Sequence[Mapping[str, LowRank]], ratios: Sequence[float], prog
     return out, ranks
 
 
-def apply_diag(lr: LowRank, v: torch.Tensor) -> LowRank:
-    """dW = scale·up·diag(v)·down: up's columns multiplied by v."""
-    return LowRank(apply_diag_to_up(lr.up.float(), v), lr.down, lr.scale, lr.shape)
-
-
-def drop_zero_ranks(lr: LowRank, v: torch.Tensor, ranks: Sequence[int]) -> tuple[LowRank, list[int]]:
-    """Remove the directions where v = 0 (exact: they contribute nothing); per-slice ranks updated."""
-    keep = v != 0
-    bounds = [0, *itertools.accumulate(ranks)]
-    new_ranks = [int(keep[a:b].sum()) for a, b in zip(bounds, bounds[1:])]
-    return LowRank(lr.up[:, keep], lr.down[keep], lr.scale, lr.shape), new_ranks
-
-
-# ---------------------------------------------------------------------------------------------
-# Files
-
-
-def as_ratios(ratios: float | Sequence[float] | None, n: int, what: str = "ratio") -> list[float]:
-    """One finite value per LoRA file: None → all 1, a number → repeated, else checked for length."""
-    if ratios is None:
-        return [1.0] * n
-    values = [float(ratios)] * n if isinstance(ratios, (int, float)) else [float(r) for r in ratios]
-    if len(values) != n:
-        raise OrthoLoraError(f"{len(values)} {what}(s) given for {n} LoRA file(s)")
-    if not all(math.isfinite(r) for r in values):
-        raise OrthoLoraError(f"{what}s must be finite numbers, got {values}")
-    return values
-
-
-def source_names(paths: Sequence[Path], names: Sequence[str] | None = None) -> list[str]:
-    """Unique slice names (file stems by default), made safe for diag specs."""
-    raw = list(names) if names is not None else [p.stem for p in paths]
-    if len(raw) != len(paths):
-        raise OrthoLoraError(f"{len(raw)} name(s) given for {len(paths)} LoRA file(s)")
-    out: list[str] = []
-    for name in map(safe_source_name, raw):
-        unique, n = name, 2
-        while unique in out:
-            unique, n = f"{name}_{n}", n + 1
-        out.append(unique)
-    return out
-
-
-def read_sources(paths: Sequence[PathLike], report: Report) -> tuple[str, list[dict[str, LowRank]]]:
-    """Read LoRA files of one architecture as exact LowRanks in layer layout; what cannot be part
-    of a LoRA (modules matching no layer, bias deltas) is dropped with a warning."""
-    files = [read_lora(p) for p in paths]
-    archs = {lf.arch for lf in files}
-    if None in archs:
-        bad = next(lf for lf in files if lf.arch is None)
-        raise OrthoLoraError("no module name matches SD1, SD2 or SDXL layers", bad.path)
-    if len(archs) > 1:
-        first, other = files[0], next(lf for lf in files if lf.arch != files[0].arch)
-        raise OrthoLoraError(f"made for {Arch(other.arch).title}, but {first.path} is for {Arch(first.arch).title}",
-                             other.path)
-    arch = files[0].arch
-    sources = [_source_lowranks(lf, report) for lf in files]
-    seen: dict[str, tuple[tuple[int, ...], Path]] = {}
-    for lf, source in zip(files, sources):  # each file is self-consistent; the files must agree too
-        for name, lr in source.items():
-            shape, first = seen.setdefault(name, (tuple(lr.shape), lf.path))
-            if tuple(lr.shape) != shape:
-                raise OrthoLoraError(f"module {name} is {tuple(lr.shape)} here but {shape} in {first}", lf.path)
-    return arch, sources
-
-
-def _source_lowranks(lf: LoraFile, report: Report) -> dict[str, LowRank]:
-    out = {}
-    for name, module in lf.modules.items():
-        if name in lf.unknown:
-            report.warnings.append(f"{lf.stem}: module {name} matches no layer; dropped")
-            continue
-        if module.bias_delta() is not None:
-            report.warnings.append(f"{lf.stem}: {name}: bias delta dropped (a LoRA cannot hold one)")
-        out[name] = exact_lowrank(module)
-    if lf.stray_keys:
-        report.warnings.append(f"{lf.stem}: {len(lf.stray_keys)} tensor(s) outside any module ignored")
-    return out
-
-
 def join_loras(paths: Sequence[PathLike], save_path: PathLike, ratios: float | Sequence[float] | None = None, *,
                names: Sequence[str] | None = None, dtype: torch.dtype = torch.float16, overwrite: bool = False,
                progress: Progress | None = None) -> Report:
     """Exact join of LoRA-like files into one kohya LoRA whose metadata records each source's slice
     (`names`: slice names, default the file stems)."""
-    paths = [Path(p) for p in paths]
+    paths = arguments.path_list(paths)
     if not paths:
         raise OrthoLoraError("no LoRA file given")
-    ratios = as_ratios(ratios, len(paths))
+    ratios = arguments.as_ratios(ratios, len(paths))
     labels = source_names(paths, names)
-    report = Report("join")
-    arch, sources = read_sources(paths, report)
-    joined, ranks = join(sources, ratios, progress)
-    for name, lr in joined.items():
-        report.add(Row(name, rank=lr.rank, extra={"slices": "+".join(map(str, ranks[name]))}))
-    meta = make_join_metadata([(n, p.name, r) for n, p, r in zip(labels, paths, ratios)], ranks)
-    write_lora(save_path, joined, arch, dtype, {META_KEY: meta}, overwrite)
-    report.totals.update({"sources": ", ".join(f"{n}×{r:g}" for n, r in zip(labels, ratios)),
-                          "modules": len(joined), "max_rank": max(lr.rank for lr in joined.values())})
-    report.outputs.append(str(save_path))
-    return report
-
-
-def _stored_dtype(path: Path) -> torch.dtype:
-    """The dtype of the first floating tensor of a file."""
-    with open_tensors(path) as f:
-        return next((f.dtype(k) for k in f.keys() if f.dtype(k).is_floating_point), torch.float16)
-
-
-def bake_diag(lora_path: PathLike, spec: str | DiagSpec, save_path: PathLike, *, drop_zero: bool = True,
-              dtype: torch.dtype | None = None, overwrite: bool = False, progress: Progress | None = None) -> Report:
-    """Write a LoRA with a diag spec baked in (up's columns × v). A per-slice spec needs a joined
-    LoRA; a per-rank spec also works on a plain one (every module's rank must match). With
-    `drop_zero`, directions with v = 0 leave the file and the slices metadata shrinks to match."""
-    path = Path(lora_path)
-    lf = read_lora(path)
-    if isinstance(spec, str):
-        spec = parse_diag(spec)
-    lowranks = lf.lowranks()
-    try:
-        info = join_info_from_metadata(lf.metadata) or JoinInfo(
-            (JoinSource(safe_source_name(lf.stem), path.name, 1.0),), {n: (lr.rank,) for n, lr in lowranks.items()})
-    except OrthoLoraError as e:
-        raise OrthoLoraError(e.problem, path) from None
-    report = Report("diag")
-    out, ranks = {}, {}
-    for i, (name, lr) in enumerate(lowranks.items()):
-        if progress:
-            progress(i + 1, len(lowranks), name)
-        try:
-            v = diag_vector(spec, info, name)
-            if info.total_rank(name) != lr.rank:
-                raise OrthoLoraError(f"module {name} has rank {lr.rank} but the join metadata says "
-                                     f"{info.total_rank(name)}")
-        except OrthoLoraError as e:
-            raise OrthoLoraError(e.problem, path) from None
-        baked, r = apply_diag(lr, v), list(info.module_ranks(name))
-        if drop_zero:
-            baked, r = drop_zero_ranks(baked, v, r)
-        if baked.rank == 0:
-            report.add(Row(name, "dropped", old_rank=lr.rank, rank=0))
-            continue
-        out[name], ranks[name] = baked, r
-        report.add(Row(name, old_rank=lr.rank, rank=baked.rank, extra={"slices": "+".join(map(str, r))}))
-    if not out:
-        raise OrthoLoraError(f"diag {spec.text} leaves nothing: every direction is 0", path)
-    extra = {"ortholora_diag": spec.text}
-    if META_KEY in lf.metadata:
-        used = [i for i in range(len(info.sources)) if any(r[i] for r in ranks.values())]
-        extra[META_KEY] = make_join_metadata([info.sources[i] for i in used],
-                                             {n: [r[i] for i in used] for n, r in ranks.items()})
-        report.totals["sources_kept"] = ", ".join(info.sources[i].name for i in used)
-    write_lora(save_path, out, lf.arch, dtype or _stored_dtype(path), extra, overwrite)
-    report.totals.update({"diag": spec.text, "modules": len(out), "dropped": report.count("dropped")})
-    report.outputs.append(str(save_path))
-    return report
+    dtype = arguments.output_dtype(dtype)
+    save_path = arguments.path(save_path, "save_path")
+    with Run("join", progress) as run:
+        run.claim([save_path], inputs=paths, overwrite=overwrite)
+        report = run.report
+        arch, sources = read_sources(paths, report, run.phase("read"))
+        joined, ranks = join(sources, ratios, run.phase("join"))
+        for name, lr in joined.items():
+            report.add(Row(name, rank=lr.rank, extra={"slices": "+".join(map(str, ranks[name]))}))
+        meta = make_join_metadata([(n, p.name, r) for n, p, r in zip(labels, paths, ratios)], ranks)
+        write = run.phase("write", 1)
+        write_lora(save_path, joined, arch, dtype, {META_KEY: meta}, overwrite, prediction.of_files(paths))
+        write.step(save_path.name)
+        report.totals.update({"architecture": Arch(arch).title,
+                              "sources": ", ".join(f"{n}×{r:g}" for n, r in zip(labels, ratios)),
+                              "modules": len(joined), "max_rank": max(lr.rank for lr in joined.values())})
+    return run.report

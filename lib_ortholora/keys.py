@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Mapping
 
+import torch
+
 from .arch import UNET, Arch, Shape, spec
 
 _TRANSFORMER_CHILD = re.compile(
@@ -24,7 +26,8 @@ _OPENCLIP = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.
 
 @dataclass(frozen=True)
 class Target:
-    """One LoRA-targetable layer. `rows` is the q/k/v row block of an open_clip in_proj_weight."""
+    """One LoRA-targetable layer. `rows` is the q/k/v row block of an open_clip in_proj_weight
+    (`rows_of` takes it out of the stored tensor)."""
 
     ckpt_key: str
     name: str
@@ -40,6 +43,12 @@ class Target:
     @property
     def kernel(self) -> int:
         return self.shape[2] if len(self.shape) == 4 else 1
+
+
+def rows_of(tensor: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
+    """A target's part of its checkpoint tensor: the row block `rows` (a view: q, k or v of an open_clip
+    `in_proj_weight` / `in_proj_bias`), or the whole tensor when `rows` is None."""
+    return tensor[rows[0]:rows[1]] if rows else tensor
 
 
 def _diffusers_unet_path(path: str) -> str:
@@ -131,9 +140,10 @@ def targets(arch: Arch, shapes: Mapping[str, Shape], conv: bool = True) -> list[
 
 @lru_cache(maxsize=8)
 def name_table(arch_id: str) -> dict[str, Target]:
-    """kohya-native name → Target for an architecture (shapes of the tiny spec; names only)."""
+    """kohya-native name → Target of the architecture's real-size checkpoint (the layers of a file
+    for this architecture; a smaller model of the same key set has other widths, see `targets`)."""
     arch = Arch(arch_id)
-    return {t.name: t for t in targets(arch, spec(arch_id, 16))}
+    return {t.name: t for t in targets(arch, spec(arch_id))}
 
 
 @lru_cache(maxsize=8)

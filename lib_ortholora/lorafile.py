@@ -4,23 +4,24 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import __version__
+from .dtypes import torch_name
 from .errors import OrthoLoraError
-from .fileio import check_finite, open_tensors, save_lora_safetensors
+from .arch import ARCH_NAMES, detect
+from .fileio import TensorFile, check_finite, open_tensors, save_lora_safetensors
 from .keys import guess_arch, name_table, resolve
 from .lowrank import LowRank
 from .modules import NetworkModule, build_module, suffix_of
+from .shapes import as_matrix, matrix_shape
 
-_BASE_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-_MODELSPEC = {"sd15": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
-              "sdxl": "stable-diffusion-xl-v1-base/lora"}
-_RESOLUTION = {"sd15": "512x512", "sd2": "512x512", "sdxl": "1024x1024"}
-_FROM_METADATA = {"sd_v1": "sd15", "sd_v2": "sd2", "sd_v2_v": "sd2", "sdxl_base_v1-0": "sdxl"}
 
 
 @dataclass
@@ -53,13 +54,11 @@ class LoraFile:
 
 
 def _arch_from_metadata(meta: dict[str, str]) -> str | None:
-    if meta.get("ss_base_model_version") in _FROM_METADATA:
-        return _FROM_METADATA[meta["ss_base_model_version"]]
-    spec = meta.get("modelspec.architecture", "")
-    for prefix, arch_id in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"),
-                            ("stable-diffusion-v1", "sd15")):
-        if spec.startswith(prefix):
-            return arch_id
+    version, spec = meta.get("ss_base_model_version"), meta.get("modelspec.architecture", "")
+    found = ([a for a, names in ARCH_NAMES.items() if version in names.base_versions]
+             or [a for a, names in ARCH_NAMES.items() if spec.startswith(names.modelspec_family)])
+    if found:
+        return found[0]
     return "sd2" if meta.get("ss_v2") == "True" else None
 
 
@@ -85,35 +84,43 @@ def _layer_layout(shape: tuple[int, ...], layer: tuple[int, ...]) -> tuple[int, 
     operations to report."""
     if len(shape) == len(layer) or len(layer) not in (2, 4) or len(shape) not in (2, 4):
         return shape
-    inner = math.prod(shape[1:])
+    inner = matrix_shape(shape)[1]
     if len(layer) == 2:
         return (shape[0], inner) if shape[2:] == (1, 1) else shape
     k = layer[2] * layer[3]
     return (shape[0], inner // k, layer[2], layer[3]) if inner % k == 0 else shape
 
 
-def _dry_run(name: str, raw: str, group: dict[str, torch.Tensor], kernel: int | None,
-             layer: tuple[int, ...] | None, path: Path) -> tuple[int, ...] | None:
-    """Build the module from shapes only (meta tensors, no data touched) and form its delta and
-    low-rank form, so factors that do not fit together are refused here, naming the module, instead
-    of failing deep inside an operation (or worse, being written out). Returns the module's shape in
-    its layer's layout (see _layer_layout; factor families only), or None if no family claims it."""
+def _dry_run(raw: str, group: dict[str, torch.Tensor], kernel: int | None, layer: tuple[int, ...] | None,
+             path: Path) -> tuple[int, ...] | None:
+    """Build the module from shapes only (meta tensors, no data touched; see _header_group) and form
+    its delta and low-rank form, so factors that do not fit together, or tensors of another family
+    beside the claiming one's (two deltas for one layer, one of them dropped), are refused here,
+    naming the module, instead of failing deep inside an operation (or worse, being written out).
+    Returns the module's shape in its layer's layout (see _layer_layout; factor families only), or
+    None if no family claims it."""
     shapes = ", ".join(f"{s} {tuple(t.shape)}" for s, t in group.items())
     try:
         with torch.device("meta"):
-            meta = {s: (t if s == "alpha" else t.to("meta")) for s, t in group.items()}
-            module = build_module(name, meta, kernel)
+            module = build_module(raw, group, kernel)
             if module is None:
                 return None
+            foreign = sorted(set(group) - type(module).suffixes)
+            if foreign:
+                raise OrthoLoraError(f"module {raw} holds {module.family} tensors and also "
+                                     f"{', '.join(foreign)}: two modules for one layer")
             lr = module.lowrank()
             if layer is not None and lr is not None:
                 module.shape = _layer_layout(module.shape, layer)
             shape = tuple(module.shape)
-            fits = tuple(module.delta().shape) == shape and math.prod(shape) > 0
+            fits = math.prod(shape) > 0
+            if lr is None or type(module).delta is not NetworkModule.delta:  # the default is lr.delta()
+                fits = fits and tuple(module.delta().shape) == shape
             if lr is not None:
                 lr = module.lowrank()
-                fits = fits and lr.up.reshape(lr.up.shape[0], -1).shape == (shape[0], lr.rank) \
-                    and lr.down.reshape(lr.rank, -1).shape[1] == math.prod(shape[1:]) and lr.rank > 0
+                up, down = as_matrix(lr.up), as_matrix(lr.down)  # up @ down must make the layer's matrix
+                fits = (fits and lr.rank > 0 and up.shape[1] == lr.rank
+                        and (up.shape[0], down.shape[1]) == matrix_shape(shape))
             bias = module.bias_delta()
             fits = fits and (bias is None or tuple(bias.shape) == shape[:1])
     except OrthoLoraError as e:
@@ -125,92 +132,171 @@ def _dry_run(name: str, raw: str, group: dict[str, torch.Tensor], kernel: int | 
     return shape
 
 
-def read_lora(path: str | Path, arch: str | None = None) -> LoraFile:
-    """Read a kohya / LyCORIS / PEFT LoRA file. Architecture: `arch`, else metadata, else names."""
-    path = Path(path)
-    with open_tensors(path) as f:
-        tensors = {k: f.get(k) for k in f.keys()}
-        meta = dict(f.metadata)
-    groups: dict[str, dict[str, torch.Tensor]] = {}
+def _group_keys(f: TensorFile) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Tensor keys by module name and suffix (from the header alone), and the keys of no module."""
+    groups: dict[str, dict[str, str]] = {}
     stray = []
-    for key, value in tensors.items():
+    for key in f.keys():
         split = suffix_of(key)
         if split is None:
             stray.append(key)
-            continue
-        groups.setdefault(split[0], {})[split[1]] = value
-    if not groups:
-        raise OrthoLoraError("no LoRA modules found (not a LoRA file?)", path)
-    guessed = arch is None
-    arch = arch or _arch_from_metadata(meta) or guess_arch(list(groups))
-    if guessed and arch in ("sd15", "sd2") and not (meta.get("ss_base_model_version") or meta.get("modelspec.architecture")):
-        arch = _sd1_or_sd2(groups)
+        else:
+            groups.setdefault(split[0], {})[split[1]] = key
+    return groups, stray
+
+
+def _header_group(f: TensorFile, keys: dict[str, str]) -> dict[str, torch.Tensor]:
+    """A module's tensors as meta tensors (the header's shapes and dtypes, no data read), except an
+    alpha that is the single number it must be: that one is read."""
+    return {suffix: f.get(key) if suffix == "alpha" and math.prod(f.shape(key)) == 1
+            else torch.empty(f.shape(key), dtype=f.dtype(key), device="meta")
+            for suffix, key in keys.items()}
+
+
+def _not_a_lora(f: TensorFile) -> str:
+    try:
+        found = f"a checkpoint ({detect({k: f.shape(k) for k in f.keys()}).title}), not a LoRA"
+    except OrthoLoraError:
+        found = "not a LoRA file?"
+    return f"no LoRA modules found ({found})"
+
+
+Plan = dict[str, tuple[str, int | None, tuple[int, ...]]]  # module name → (name in the file, kernel, shape)
+
+
+def _plan(groups: dict[str, dict[str, torch.Tensor]], arch: str | None, path: Path
+          ) -> tuple[Plan, list[str], list[str]]:
+    """Resolve and dry-run every module (header only): (plan, names in the file matching no layer,
+    names no family claims). One layer named twice (two key styles) is refused."""
     table = name_table(arch) if arch else {}
-    modules: dict[str, NetworkModule] = {}
-    unknown = []
+    plan: Plan = {}
+    unknown, unclaimed = [], []
     for raw, group in groups.items():
         name = resolve(arch, raw) if arch else None
         target = table.get(name) if name else None
         kernel = target.kernel if target else None
-        shape = _dry_run(name or raw, raw, group, kernel, target.shape if target else None, path)
+        shape = _dry_run(raw, group, kernel, target.shape if target else None, path)
         if shape is None:
-            stray.extend(f"{raw}.{s}" for s in group)
+            unclaimed.append(raw)
             continue
-        for suffix, t in group.items():
-            check_finite(t, f"{raw}.{suffix}", path)
-        module = build_module(name or raw, group, kernel)
-        module.shape = shape
+        if (name or raw) in plan:
+            raise OrthoLoraError(f"layer {name} is in the file twice, as {plan[name][0]} and {raw}: two key "
+                                 "styles for one layer", path)
+        plan[name or raw] = (raw, kernel, shape)
         if name is None:
             unknown.append(raw)
-        modules[name or raw] = module
+    return plan, unknown, unclaimed
+
+
+def read_lora(path: str | bytes | os.PathLike, arch: str | None = None) -> LoraFile:
+    """Read a kohya / LyCORIS / PEFT LoRA file. Architecture: `arch`, else metadata, else names.
+
+    Decided from the header first: module names, shapes (every module built on meta tensors) and
+    layer names are checked before any tensor data is read, so a checkpoint or a malformed file is
+    refused at the cost of its header; then only the modules' tensors are read."""
+    path = Path(os.fsdecode(path))
+    with open_tensors(path) as f:
+        meta = dict(f.metadata)
+        keys, stray = _group_keys(f)
+        if not keys:
+            raise OrthoLoraError(_not_a_lora(f), path)
+        groups = {raw: _header_group(f, group) for raw, group in keys.items()}
+        guessed = arch is None
+        arch = arch or _arch_from_metadata(meta) or guess_arch(list(groups))
+        if guessed and arch in ("sd15", "sd2") and not (meta.get("ss_base_model_version") or meta.get("modelspec.architecture")):
+            arch = _sd1_or_sd2(groups)
+        plan, unknown, unclaimed = _plan(groups, arch, path)
+        stray += [key for raw in unclaimed for key in keys[raw].values()]
+        modules: dict[str, NetworkModule] = {}
+        for name, (raw, kernel, shape) in plan.items():
+            tensors = {suffix: f.get(key) for suffix, key in keys[raw].items()}
+            for suffix, t in tensors.items():
+                check_finite(t, f"{raw}.{suffix}", path)
+            modules[name] = build_module(name, tensors, kernel)
+            modules[name].shape = shape
     return LoraFile(path, arch, modules, meta, unknown, stray)
 
 
-def lora_metadata(arch: str, lowranks: dict[str, LowRank], title: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """kohya (`ss_*`) and modelspec metadata for a LoRA written with alpha = rank."""
+def file_alpha(lowranks: Mapping[str, LowRank]) -> int:
+    """The one alpha every module of a written file carries: the most common UNet rank (ties: the
+    smaller), or the most common rank when there is no UNet module; 1 for an empty set.
+
+    Each module's scale is alpha/r (kohya, the webui, ComfyUI, diffusers all read it so) and its
+    factors absorb √(r/alpha) (`LowRank.to_kohya`). One value per file, because diffusers keeps a
+    single alpha per component (its most common) and drops per-module exceptions for UNet attention
+    and CLIP text-encoder layers: with one value there is no exception to drop, and its rank_pattern
+    gives every module its own r. The most common UNet rank also keeps those modules exact in older
+    diffusers (≤ 0.32), which applies UNet factors at scale 1 whenever ranks differ. Its factors
+    grow by at most √(r_max/alpha) and shrink by at least √(r_min/alpha) (fp16: checked in write_lora)."""
+    unet = [lr.rank for name, lr in lowranks.items() if lr.rank and name.startswith("lora_unet_")]
+    counts = Counter(unet or [lr.rank for lr in lowranks.values() if lr.rank])
+    return min(counts, key=lambda r: (-counts[r], r)) if counts else 1
+
+
+def lora_metadata(arch: str, lowranks: Mapping[str, LowRank], title: str, extra: dict[str, str] | None = None,
+                  prediction: str | None = None) -> dict[str, str]:
+    """kohya (`ss_*`) and ModelSpec metadata for a LoRA written with one alpha (`file_alpha`).
+    `prediction` (`epsilon` / `v`, None when unknown) picks the variant: SD2 v is 768-v; it is
+    stated as modelspec.prediction_type only when known (unknown reads as the architecture's default)."""
     ranks = {lr.rank for name, lr in lowranks.items() if len(lr.shape) == 2 or lr.shape[2] == 1}
     conv_ranks = {lr.rank for lr in lowranks.values() if len(lr.shape) == 4 and lr.shape[2] > 1}
     dim = str(ranks.pop()) if len(ranks) == 1 else ("Dynamic" if ranks else "0")
+    alpha = str(file_alpha(lowranks))
+    names = ARCH_NAMES[arch]
+    variant = names.variant(prediction)
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": dim,
-        "ss_network_alpha": dim,
+        "ss_network_alpha": alpha,
         "ss_v2": str(arch == "sd2"),
-        "ss_base_model_version": _BASE_VERSION[arch],
+        "ss_base_model_version": variant.base_version,
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": _MODELSPEC[arch],
+        "modelspec.architecture": variant.modelspec,
+        "modelspec.implementation": names.implementation,
         "modelspec.title": title,
         "modelspec.date": datetime.date.today().isoformat(),
-        "modelspec.resolution": _RESOLUTION[arch],
+        "modelspec.resolution": variant.resolution,
         "ortholora_version": __version__,
     }
+    if prediction:
+        meta["modelspec.prediction_type"] = prediction
     if conv_ranks:
         conv = str(conv_ranks.pop()) if len(conv_ranks) == 1 else "Dynamic"
-        meta["ss_network_args"] = json.dumps({"conv_dim": conv, "conv_alpha": conv})
+        meta["ss_network_args"] = json.dumps({"conv_dim": conv, "conv_alpha": alpha})
     meta.update(extra or {})
     return meta
 
 
 def write_lora(path: str | Path, lowranks: dict[str, LowRank], arch: str, dtype: torch.dtype = torch.float16,
-               extra_metadata: dict[str, str] | None = None, overwrite: bool = False) -> dict[str, str]:
-    """Write kohya-named LoRA tensors (alpha = rank, balanced factors) atomically; returns metadata."""
+               extra_metadata: dict[str, str] | None = None, overwrite: bool = False,
+               prediction: str | None = None) -> dict[str, str]:
+    """Write kohya-named LoRA tensors (one alpha for the file, balanced factors) atomically; returns
+    metadata (`lora_metadata`; `prediction`: the base model's prediction type when known)."""
     path = Path(path)
+    alpha = file_alpha(lowranks)
     tensors: dict[str, torch.Tensor] = {}
     for name, lr in lowranks.items():
         if lr.rank == 0:
             continue
-        tensors.update(lr.to_kohya(name, dtype))
+        tensors.update(lr.to_kohya(name, dtype, alpha))
     if not tensors:
         raise OrthoLoraError("nothing to write: every module was skipped or empty", path)
     for key, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise OrthoLoraError(f"tensor {key} overflows {str(dtype).replace('torch.', '')}; "
+            raise OrthoLoraError(f"tensor {key} overflows {torch_name(dtype)}; "
                                  "choose a wider output dtype", path)
-    meta = lora_metadata(arch, lowranks, path.stem, extra_metadata)
+    meta = lora_metadata(arch, lowranks, path.stem, extra_metadata, prediction)
     return save_lora_safetensors(path, tensors, meta, overwrite)
 
 
-def lora_nbytes(shape: tuple[int, ...], rank: int, itemsize: int) -> int:
-    """Bytes that `rank` directions of a layer take on disk (up + down + alpha)."""
-    return (rank * (shape[0] + math.prod(shape[1:]))) * itemsize
+
+def carried_metadata(meta: Mapping[str, str], arch: str) -> dict[str, str]:
+    """The input's `ss_*` training and `modelspec.*` descriptive metadata that still holds for an
+    output made from that one input (resize, diag): nothing lora_metadata recomputes (the prediction
+    type is passed on by itself), no ss_network_* (shape), no hashes."""
+    recomputed = set(lora_metadata(arch, {}, "", prediction="v"))
+    return {k: v for k, v in meta.items()
+            if k.startswith(("ss_", "modelspec.")) and "hash" not in k.lower()
+            and not k.startswith("ss_network_") and k not in recomputed}
+

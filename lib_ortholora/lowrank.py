@@ -34,10 +34,12 @@ class LowRank:
         g = (self.up.double().T @ self.up.double()) * (self.down.double() @ self.down.double().T)
         return abs(self.scale) * math.sqrt(max(float(g.sum()), 0.0))
 
-    def to_kohya(self, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """kohya tensors with alpha = rank (so scale folds into the factors, split evenly)."""
+    def to_kohya(self, name: str, dtype: torch.dtype, alpha: float | None = None) -> dict[str, torch.Tensor]:
+        """kohya tensors for `alpha` (default: the rank). The file's scale is alpha/r, so the factors
+        carry the rest: up·down = (r/alpha)·scale·up₀·down₀, split evenly (√ on each side, the sign on up)."""
         r = self.rank
-        root = math.sqrt(abs(self.scale))
+        alpha = float(r) if alpha is None else float(alpha)
+        root = math.sqrt(abs(self.scale) * r / alpha)
         up = self.up.float() * (root if self.scale >= 0 else -root)
         down = self.down.float() * root
         if len(self.shape) == 4:
@@ -45,7 +47,7 @@ class LowRank:
             up = up.reshape(self.shape[0], r, 1, 1)
         return {f"{name}.lora_down.weight": down.to(dtype).contiguous(),
                 f"{name}.lora_up.weight": up.to(dtype).contiguous(),
-                f"{name}.alpha": _alpha_tensor(float(r), dtype)}
+                f"{name}.alpha": _alpha_tensor(alpha, dtype)}
 
 
 def _alpha_tensor(alpha: float, dtype: torch.dtype) -> torch.Tensor:

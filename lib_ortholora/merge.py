@@ -1,4 +1,4 @@
-"""Merge LoRAs into a checkpoint, streamed tensor by tensor (F§5).
+"""Merge LoRAs into a checkpoint, streamed tensor by tensor (docs/formats.md#merge).
 
 For every mapped layer W ← cast(W.float() + Σ_i m_i·dW_i) to the output dtype; open_clip q/k/v add
 into their row blocks of `in_proj_weight`; full-diff bias deltas add into the layer's bias (row
@@ -10,27 +10,29 @@ a few checkpoint layers.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 
+from . import arguments
 from .arch import Arch, Shape, detect
+from .dtypes import torch_name
 from .errors import OrthoLoraError
 from .fileio import (FileSlice, TensorFile, TensorSpec, check_finite, open_tensors, prefetched,
                      write_safetensors_streamed)
-from .join import as_ratios
 from .keys import Target, targets
 from .lorafile import LoraFile, read_lora
 from .memory import PerThread, Ring, Workspace
 from .modules import NetworkModule
-from .normcache import parallel_map
+from .parallel import parallel_map
+from .paths import PathLike
 from .progress import Progress
-from .report import Report, Row
+from .report import Report, Row, Status
+from .run import Run
+from .shapes import matrix_shape
 
-PathLike = str | os.PathLike
 ADDMM_MAX_RANK = 128
 BLOCK = 1 << 20  # float32 elements of the rows merged at a time (4 MiB: stays in cache)
 AHEAD = 32  # tensors handed to the workers ahead of the writer (memory is bounded by the ring)
@@ -87,11 +89,10 @@ def plan_merge(arch: Arch, shapes: Mapping[str, Shape], loras: Sequence[tuple[Lo
             t = table.get(name) if name not in lora.unknown else None
             row = report.add(Row(name, extra={"lora": lora.stem, "family": module.family}))
             if t is None:
-                row.status, row.note = "unmatched", "no layer of this checkpoint has this name"
+                row.status, row.note = Status.UNMATCHED, "no layer of this checkpoint has this name"
                 unmatched.append(name)
                 continue
-            flat = (module.shape[0], torch.Size(module.shape[1:]).numel())
-            if flat != (t.shape[0], torch.Size(t.shape[1:]).numel()):  # not only numel: (in, out) ≠ (out, in)
+            if matrix_shape(module.shape) != matrix_shape(t.shape):  # not only numel: (in, out) ≠ (out, in)
                 rows = f" (rows {t.rows[0]}:{t.rows[1]})" if t.rows else ""
                 raise OrthoLoraError(f"module {name} has shape {module.shape} but layer {t.ckpt_key}{rows} of "
                                      f"{ckpt_path} is {t.shape}: made for another model?", lora.path)
@@ -205,54 +206,57 @@ def merge_lora(base_path: PathLike, lora_path: PathLike | Sequence[PathLike], mu
     `multiplier`: one value for all, or one per LoRA. `dtype`: output dtype of the floating tensors
     (None keeps each tensor's own). Output is safetensors at `save_path` (default
     `<base>-merged.safetensors` next to the base); the base may also be a .ckpt."""
-    base = Path(base_path)
-    paths = [Path(lora_path)] if isinstance(lora_path, (str, os.PathLike)) else [Path(p) for p in lora_path]
+    base = arguments.path(base_path, "base_path")
+    paths = arguments.path_list(lora_path)
     if not paths:
         raise OrthoLoraError("no LoRA file given")
-    mults = as_ratios(multiplier, len(paths), "multiplier")
-    out = Path(save_path) if save_path is not None else base.with_name(f"{base.stem}-merged.safetensors")
-    if out.resolve() in {p.resolve() for p in (base, *paths)}:
-        raise OrthoLoraError("the output would replace one of the inputs", out)
-    with open_tensors(base) as f:
-        shapes = {k: f.shape(k) for k in f.keys()}
-        arch = detect(shapes, str(base))
-        loras = [(read_for(p, arch.id), m) for p, m in zip(paths, mults)]
-        plan, report = plan_merge(arch, shapes, loras, base)
-        if not plan:
-            raise OrthoLoraError(f"nothing to merge: no module of {', '.join(p.name for p in paths)} matches a "
-                                 f"layer of this {arch.title} checkpoint", base)
-        specs = [TensorSpec(k, _out_dtype(f.dtype(k), dtype), shapes[k]) for k in f.keys()]
-        meta = {k: v for k, v in f.metadata.items() if "hash" not in k.lower()}
-        meta["ortholora_merge"] = json.dumps([{"file": p.name, "multiplier": m} for p, m in zip(paths, mults)])
-        output, ring, written = _merged(f, plan, dtype, (base, out))
-        # layers merged on worker threads, in order, while the writer writes the previous ones
-        stream = parallel_map(output, prefetched([s.name for s in specs], (f,), str), ahead=AHEAD)
-        done = 0
+    mults = arguments.as_ratios(multiplier, len(paths), "multiplier")
+    dtype = None if dtype is None else arguments.output_dtype(dtype)
+    out = arguments.optional_path(save_path, "save_path") or base.with_name(f"{base.stem}-merged.safetensors")
+    with Run("merge", progress) as run:
+        run.claim([out], inputs=[base, *paths], overwrite=overwrite)
+        with open_tensors(base) as f:
+            shapes = {k: f.shape(k) for k in f.keys()}
+            arch = detect(shapes, str(base))
+            read = run.phase("read", len(paths))
+            loras = []
+            for p, m in zip(paths, mults):
+                loras.append((read_for(p, arch.id), m))
+                read.step(p.name)
+            plan, report = plan_merge(arch, shapes, loras, base)
+            report = run.use(report)
+            if not plan:
+                raise OrthoLoraError(f"nothing to merge: no module of {', '.join(p.name for p in paths)} matches a "
+                                     f"layer of this {arch.title} checkpoint", base)
+            specs = [TensorSpec(k, _out_dtype(f.dtype(k), dtype), shapes[k]) for k in f.keys()]
+            step = run.phase("merge", len(specs)).step
+            meta = {k: v for k, v in f.metadata.items() if "hash" not in k.lower()}
+            meta["ortholora_merge"] = json.dumps([{"file": p.name, "multiplier": m} for p, m in zip(paths, mults)])
+            output, ring, written = _merged(f, plan, dtype, (base, out))
+            # layers merged on worker threads, in order, while the writer writes the previous ones
+            stream = parallel_map(output, prefetched([s.name for s in specs], (f,), str), ahead=AHEAD)
 
-        def produce(key: str) -> torch.Tensor | FileSlice:
-            nonlocal done
-            done += 1
-            if progress:
-                progress(done, len(specs), key)
-            got, item = next(stream)
-            assert got == key
-            return item
+            def produce(key: str) -> torch.Tensor | FileSlice:
+                step(key)
+                got, item = next(stream)
+                assert got == key
+                return item
 
-        try:
-            write_safetensors_streamed(out, specs, produce, meta, overwrite, written)
-        finally:
-            ring.close()  # workers waiting for a buffer end, then the map shuts down
-            stream.close()
-    biases = sum(cs[0].bias for cs in plan.values())
-    report.totals.update({
-        "checkpoint": f"{base.name} ({arch.title})",
-        "loras": ", ".join(f"{p.name}×{m:g}" for p, m in zip(paths, mults)),
-        "layers_changed": len(plan) - biases,
-        "biases_changed": biases,
-        "tensors_unchanged": len(shapes) - len(plan),
-        "modules_merged": report.count("ok"),
-        "modules_unmatched": report.count("unmatched"),
-        "dtype": "kept" if dtype is None else str(dtype).replace("torch.", ""),
-    })
-    report.outputs.append(str(out))
-    return report
+            try:
+                write_safetensors_streamed(out, specs, produce, meta, overwrite, written)
+            finally:
+                ring.close()  # workers waiting for a buffer end, then the map shuts down
+                stream.close()
+        biases = sum(cs[0].bias for cs in plan.values())
+        report.totals.update({
+            "checkpoint": base.name,
+            "architecture": arch.title,
+            "loras": ", ".join(f"{p.name}×{m:g}" for p, m in zip(paths, mults)),
+            "layers_changed": len(plan) - biases,
+            "biases_changed": biases,
+            "tensors_unchanged": len(shapes) - len(plan),
+            "modules_merged": report.count(Status.OK),
+            "modules_unmatched": report.count(Status.UNMATCHED),
+            "dtype": "kept" if dtype is None else torch_name(dtype),
+        })
+    return run.report

@@ -1,4 +1,4 @@
-"""Weighted LoRA + LoRA merge done right (F§4–5): exact join, then QR-SVD recompression.
+"""Weighted LoRA + LoRA merge done right (docs/formats.md#mix): exact join, then QR-SVD recompression.
 
 Per module D = Σ_i ratio_i·dW_i is first the exact concatenated LowRank (never adding factors of
 different LoRAs, which would create cross terms); its SVD D = U·S·Vᴴ comes from the factors
@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
+from . import arguments, prediction
+from .arch import Arch
 from .errors import OrthoLoraError
-from .join import PathLike, as_ratios, join_lowranks, read_sources, source_names
+from .join import PathLike, join_lowranks, read_sources, source_names
 from .lorafile import write_lora
 from .lowrank import LowRank, balanced
 from .progress import Progress
 from .rank import RankPolicy, as_policy
-from .report import Report, Row
+from .report import Report, Row, Status
+from .run import Run
 from .svd import factor_svd
 
 
@@ -51,28 +53,35 @@ def mix_loras(paths: Sequence[PathLike], save_path: PathLike, rank: int | str | 
               ratios: float | Sequence[float] | None = None, *, dtype: torch.dtype = torch.float16,
               overwrite: bool = False, progress: Progress | None = None) -> Report:
     """Weighted merge of LoRA-like files into one kohya LoRA of the rank the policy picks per layer."""
-    paths = [Path(p) for p in paths]
+    paths = arguments.path_list(paths)
     if not paths:
         raise OrthoLoraError("no LoRA file given")
-    ratios = as_ratios(ratios, len(paths))
+    ratios = arguments.as_ratios(ratios, len(paths))
     policy = as_policy(rank)
-    report = Report("mix")
-    arch, sources = read_sources(paths, report)
-    mixed = mix(sources, ratios, policy, progress)
-    kept = {}
-    for name, (lr, joined_rank, err) in mixed.items():
-        status = "ok" if lr.rank else "skipped"
-        report.add(Row(name, status, rank=lr.rank, old_rank=joined_rank, rel_error=err,
-                       note="" if lr.rank else "rank 0 (all-zero delta)"))
-        if lr.rank:
-            kept[name] = lr
+    dtype = arguments.output_dtype(dtype)
     labels = source_names(paths)
-    record = {"sources": [{"name": n, "file": p.name, "ratio": r} for n, p, r in zip(labels, paths, ratios)],
-              "rank": policy.describe()}
-    write_lora(save_path, kept, arch, dtype, {"ortholora_mix": json.dumps(record)}, overwrite)
-    errors = [r.rel_error for r in report.rows if r.status == "ok"]
-    report.totals.update({"sources": ", ".join(f"{n}×{r:g}" for n, r in zip(labels, ratios)),
-                          "rank_policy": policy.describe(), "modules": len(kept),
-                          "max_rel_error": max(errors, default=0.0)})
-    report.outputs.append(str(save_path))
-    return report
+    save_path = arguments.path(save_path, "save_path")
+    with Run("mix", progress) as run:
+        run.claim([save_path], inputs=paths, overwrite=overwrite)
+        report = run.report
+        arch, sources = read_sources(paths, report, run.phase("read"))
+        mixed = mix(sources, ratios, policy, run.phase("mix"))
+        kept = {}
+        for name, (lr, joined_rank, err) in mixed.items():
+            status = Status.OK if lr.rank else Status.SKIPPED
+            report.add(Row(name, status, rank=lr.rank, old_rank=joined_rank, rel_error=err,
+                           note="" if lr.rank else "rank 0 (all-zero delta)"))
+            if lr.rank:
+                kept[name] = lr
+        record = {"sources": [{"name": n, "file": p.name, "ratio": r} for n, p, r in zip(labels, paths, ratios)],
+                  "rank": policy.describe()}
+        write = run.phase("write", 1)
+        write_lora(save_path, kept, arch, dtype, {"ortholora_mix": json.dumps(record)}, overwrite,
+                   prediction.of_files(paths))
+        write.step(save_path.name)
+        errors = [r.rel_error for r in report.rows if r.status == Status.OK]
+        report.totals.update({"architecture": Arch(arch).title,
+                              "sources": ", ".join(f"{n}×{r:g}" for n, r in zip(labels, ratios)),
+                              "policy": policy.describe(), "modules": len(kept),
+                              "max_rel_error": max(errors, default=0.0)})
+    return run.report

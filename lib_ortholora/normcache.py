@@ -6,15 +6,29 @@ Ritz triplet's residual is below `rtol`·σ̃ (a singular value of W then lies w
 the error is far smaller). On full-size SDXL layers (random-like, flat-topped spectra: the hard
 case) rtol 1e-4 lands within ~2e-6 in 0.2–0.5 s, as fast as 50 power iterations, which are still
 5e-3–8e-3 off; `linalg.matrix_norm(ord=2)` takes 0.7–15 s. Weights are streamed: a few tensors
-are in memory at a time.
+are in memory at a time, each checked for NaN/Inf as it is read.
 
-The cache is one JSON file per checkpoint in `cache_dir` (default `$XDG_CACHE_HOME/ortholora`, else
-`~/.cache/ortholora`), named by a content fingerprint, not the path: sha256 over the file size,
-the raw safetensors header (names, dtypes, shapes, offsets, metadata) and 4 KiB from the middle of
-every targeted tensor. That costs a few MiB of reads instead of hashing 7 GB, survives renames and
-copies, and changes when any targeted tensor is rewritten (a fine-tune or a merge rewrites every
-element of the layers it touches). Torch pickle files have no header: their fingerprint is the
-sha256 of the whole file.
+The cache (in `cache_dir`, default `$XDG_CACHE_HOME/ortholora`, else `~/.cache/ortholora`) keys
+norms by content, and trusts nothing but content and, for files already hashed, their stat:
+- `norms-v2.json` maps a layer's *digest* to its norms. The digest is the sha256 of the stored
+  dtype, the shape and every byte of the layer's weight (of its row block, for q/k/v): cached norms
+  are used for a layer only if its bytes are exactly those they were computed from. Any changed
+  byte (one q row, one element) changes the digest; copies and renames share entries.
+- `file-<id>.json`, one per checkpoint file (id: device and inode; a file without an inode number
+  is hashed on every run), records the digests of the layers hashed so far with the file's
+  (size, mtime_ns, ctime_ns) at that time.
+A run hashes each layer it needs whose digest is not recorded, while streaming it (the run reads
+it anyway to compute norms that are not cached; a renamed or copied checkpoint is read and hashed
+once rather than recomputed). A warm run reads no tensor data: it takes the recorded digests
+when the file's stat is the recorded one. That stat is the only thing trusted besides bytes, and
+it holds because every write updates mtime and ctime, and ctime cannot be set back by a user.
+Digests are recorded only when the stat is the same after hashing as before, and the file's last
+change is more than `RACY_NS` (2 s, coarser than any filesystem's timestamps, FAT's included)
+older than the hashing: a later write cannot then share the recorded timestamps. Residual risk,
+where the recorded digests could be stale: a write that leaves size, mtime and ctime unchanged —
+possible only by setting the system clock back, writing the raw device, on a filesystem that does
+not keep mtime/ctime (some FUSE mounts), or, on Windows (whose st_ctime is the creation time), by a
+tool that rewrites a file in place and then restores its mtime. Delete the cache folder then.
 """
 from __future__ import annotations
 
@@ -22,27 +36,26 @@ import hashlib
 import json
 import math
 import os
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
+import time
+from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Iterable, Iterator
 
 import torch
 
+from . import paths
 from .arch import detect
 from .errors import OrthoLoraError
-from .fileio import TensorFile, atomic_output, open_tensors
-from .keys import Target, targets
+from .fileio import TensorFile, check_finite, json_outline, open_tensors
+from .keys import Target, rows_of, targets
+from .outputs import atomic_output
+from .parallel import parallel_map
 from .progress import Progress
+from .shapes import as_matrix
 
-CACHE_VERSION = 1
-SAMPLE_BYTES = 4096
+CACHE_VERSION = 2
 RTOL = 1e-4
-_T = TypeVar("_T")
-_R = TypeVar("_R")
+RACY_NS = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -110,7 +123,7 @@ def _top_ritz(alphas: list[float], betas: list[float], exact: bool = False) -> t
 
 def layer_norms(w: torch.Tensor) -> LayerNorms:
     """σ_max and ‖·‖_F of a weight flattened to [out, in·k·k] (computed in float32)."""
-    flat = w.float().reshape(w.shape[0], -1)
+    flat = as_matrix(w.float())
     return LayerNorms(spectral_norm(flat), float(torch.linalg.vector_norm(flat)))
 
 
@@ -118,53 +131,47 @@ def layer_norms(w: torch.Tensor) -> LayerNorms:
 # Streaming the base checkpoint
 
 
-_WORKERS: ContextVar[int | None] = ContextVar("ortholora_layer_workers", default=None)
+def block_digest(block: torch.Tensor) -> str:
+    """sha256 of a stored weight block: its dtype, its shape and every byte."""
+    block = block.contiguous()
+    h = hashlib.sha256(f"{block.dtype} {tuple(block.shape)}\n".encode())
+    h.update(block.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
-@contextmanager
-def layer_parallelism() -> Iterator[int]:
-    """Inside, torch ops run single-threaded and `parallel_map` spreads layers over as many worker
-    threads as torch had threads on entry (nested uses keep the outermost count); yields that count.
-    Many small per-layer ops scale far better across layers than inside each op, and never
-    oversubscribe a busy machine."""
-    workers = _WORKERS.get()
-    if workers is not None:
-        yield workers
-        return
-    workers = torch.get_num_threads()
-    token = _WORKERS.set(workers)
-    torch.set_num_threads(1)
-    try:
-        yield workers
-    finally:
-        torch.set_num_threads(workers)
-        _WORKERS.reset(token)
+@dataclass(frozen=True)
+class FileState:
+    """The identity and stat of a file, for which its recorded digests hold."""
 
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
 
-def parallel_map(fn: Callable[[_T], _R], items: Iterable[_T], ahead: int | None = None) -> Iterator[_R]:
-    """fn over items, in order, under `layer_parallelism`; at most `ahead` (default: two per
-    worker) items are drawn from `items` ahead of the results (items may be big tensors)."""
-    with layer_parallelism() as workers:
-        if workers <= 1:
-            yield from map(fn, items)
-            return
-        with ThreadPoolExecutor(workers) as pool:
-            pending: deque[Future[_R]] = deque()
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= (ahead or 2 * workers):
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+    @classmethod
+    def of(cls, path: Path) -> FileState | None:
+        """The file's state, or None when it cannot be told apart from others (no inode number,
+        as on some Windows file systems): such a file is hashed on every run."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) if st.st_ino else None
+
+    def settled_before(self, when_ns: int) -> bool:
+        """Timestamps kept, and the last change more than RACY_NS before `when_ns`."""
+        return 0 < self.mtime_ns and 0 < self.ctime_ns and max(self.mtime_ns, self.ctime_ns) < when_ns - RACY_NS
 
 
 class BaseCheckpoint:
     """A base checkpoint opened lazily: its architecture, targeted layers by kohya name, streamed
     weights, and the cached norms."""
 
-    def __init__(self, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
-        self.path = Path(path)
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    def __init__(self, path: str | bytes | os.PathLike, cache_dir: str | os.PathLike | None = None):
+        self.path = Path(os.fsdecode(path))
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else paths.cache_dir()
+        before = FileState.of(self.path)
         self.file: TensorFile = open_tensors(self.path)
         try:
             shapes = {k: self.file.shape(k) for k in self.file.keys()}
@@ -173,7 +180,8 @@ class BaseCheckpoint:
         except BaseException:
             self.file.close()
             raise
-        self._key: str | None = None
+        # the file opened is the one stat'ed (not replaced in between), else nothing is recorded
+        self._state = before if before is not None and FileState.of(self.path) == before else None
         self.warnings: list[str] = []
 
     def __enter__(self) -> BaseCheckpoint:
@@ -192,9 +200,10 @@ class BaseCheckpoint:
                                  "checkpoint", self.path)
         return t
 
-    def weights(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, float32 weight flattened to [out, in·k·k]) for each name, in checkpoint order,
-        one stored tensor in memory at a time (q/k/v share one read of in_proj_weight)."""
+    def blocks(self, names: Iterable[str]) -> Iterator[tuple[Target, torch.Tensor]]:
+        """(target, weight as stored: its row block for q/k/v) for each name, in checkpoint order,
+        one stored tensor in memory at a time (q/k/v share one read of in_proj_weight), each
+        refused if it holds NaN or Inf."""
         by_key: dict[str, list[Target]] = {}
         for name in names:
             t = self.target(name)
@@ -204,99 +213,126 @@ class BaseCheckpoint:
             if not for_key:
                 continue
             w = self.file.get(key)
+            check_finite(w, key, self.path)
             for t in for_key:
-                part = w[slice(*t.rows)] if t.rows else w
-                yield t.name, part.float().reshape(part.shape[0], -1)
+                yield t, rows_of(w, t.rows)
             del w
 
-    @property
-    def key(self) -> str:
-        """The content fingerprint (computed once)."""
-        if self._key is None:
-            self._key = fingerprint(self.path, {t.ckpt_key for t in self.targets.values()})
-        return self._key
+    def weights(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, float32 weight flattened to [out, in·k·k]), as `blocks` streams them."""
+        for t, block in self.blocks(names):
+            yield t.name, as_matrix(block.float())
 
     def norms(self, names: Iterable[str], progress: Progress | None = None) -> tuple[dict[str, LayerNorms], int]:
-        """Norms of the named layers, from the cache where present; the rest are computed streamed
-        and added to the cache. Returns (norms, number computed now)."""
+        """Norms of the named layers, from the cache where their digests are known and cached; the
+        rest are streamed, hashed and (when not cached) computed, and added to the cache. Returns
+        (norms, number computed now)."""
         names = list(dict.fromkeys(names))
         for name in names:
             self.target(name)
-        cache_file = self.cache_dir / f"norms-{self.key}.json"
-        cached = _load_cache(cache_file, self.key)
-        missing = [n for n in names if n not in cached]
-        if missing:
-            cached.update(self._compute(missing, progress))
-            try:
-                _save_cache(cache_file, self.key, self.path, self.arch.id, cached)
-            except (OrthoLoraError, OSError) as err:
-                self.warnings.append(f"norm cache not written ({err})")
-        return {n: cached[n] for n in names}, len(missing)
+        store = _load_store(self.cache_dir / STORE_FILE)
+        digests = self._recorded()
+        todo = [n for n in names if digests.get(n) not in store]
+        computed = 0
+        if todo:
+            started = time.time_ns()
+            hashed = {}
+            for i, (name, digest, norms) in enumerate(parallel_map(lambda item: self._hash(item, store),
+                                                                   self.blocks(todo))):
+                hashed[name] = digest
+                if norms is not None:
+                    store[digest] = norms
+                    computed += 1
+                if progress:
+                    progress(i + 1, len(todo), name)
+            digests.update(hashed)
+            self._save(store if computed else None, digests, started)
+        return {n: store[digests[n]] for n in names}, computed
 
-    def _compute(self, names: list[str], progress: Progress | None) -> dict[str, LayerNorms]:
-        out = {}
-        pairs = parallel_map(lambda item: (item[0], layer_norms(item[1])), self.weights(names))
-        for i, (name, norms) in enumerate(pairs):
-            if not (math.isfinite(norms.spectral) and math.isfinite(norms.frobenius)):
-                raise OrthoLoraError(f"base layer {name} holds NaN or Inf values", self.path)
-            out[name] = norms
-            if progress:
-                progress(i + 1, len(names), f"base norms {name}")
-        return out
+    def _hash(self, item: tuple[Target, torch.Tensor], store: dict[str, LayerNorms]
+              ) -> tuple[str, str, LayerNorms | None]:
+        """(name, digest, norms computed now, or None when the digest's norms are cached)."""
+        t, block = item
+        digest = block_digest(block)
+        if digest in store:
+            return t.name, digest, None
+        norms = layer_norms(block)
+        if not (math.isfinite(norms.spectral) and math.isfinite(norms.frobenius)):
+            raise OrthoLoraError(f"base layer {t.name}: its norms overflow float32", self.path)
+        return t.name, digest, norms
+
+    def _memo_file(self) -> Path | None:
+        if self._state is None:
+            return None
+        ident = hashlib.sha256(f"{self._state.dev}:{self._state.ino}".encode()).hexdigest()[:24]
+        return self.cache_dir / f"file-{ident}.json"
+
+    def _recorded(self) -> dict[str, str]:
+        """Digests recorded for this file while its stat was the current one (see the module
+        docstring), or {}."""
+        memo = self._memo_file()
+        data = _read_json(memo) if memo else None
+        if not (isinstance(data, dict) and data.get("version") == CACHE_VERSION
+                and data.get("state") == list(astuple(self._state)) and isinstance(data.get("digests"), dict)):
+            return {}
+        return {n: d for n, d in data["digests"].items() if n in self.targets and _is_digest(d)}
+
+    def _save(self, store: dict[str, LayerNorms] | None, digests: dict[str, str], started: int) -> None:
+        """Write new norms (merged with what another run may have added meanwhile) and, when the
+        file is settled and unchanged since it was opened, its digests."""
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            if store is not None:
+                _save_store(self.cache_dir / STORE_FILE, store)
+            memo = self._memo_file()
+            if memo and self._state.settled_before(started) and FileState.of(self.path) == self._state:
+                _write_json(memo, {"version": CACHE_VERSION, "checkpoint": str(self.path),
+                                   "state": list(astuple(self._state)), "digests": dict(sorted(digests.items()))})
+        except (OrthoLoraError, OSError) as err:
+            self.warnings.append(f"norm cache not written ({err})")
 
 
 # ---------------------------------------------------------------------------------------------
 # Cache files
 
 
-def default_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/ortholora`, else `~/.cache/ortholora`."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "ortholora"
+STORE_FILE = "norms-v2.json"
 
 
-def fingerprint(path: Path, sampled_keys: Iterable[str]) -> str:
-    """Content key of a checkpoint (see the module docstring)."""
-    h = hashlib.sha256()
+def _is_digest(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _read_json(path: Path) -> object:
+    """The parsed file, or None when it is missing, unreadable, not JSON or not shaped like ours."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            h.update(f"ortholora-fingerprint-v1 {size}\n".encode())
-            if path.suffix.lower() != ".safetensors":
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    h.update(chunk)
-                return h.hexdigest()
-            length = int.from_bytes(f.read(8), "little")
-            header = f.read(length)
-            h.update(header)
-            entries = json.loads(header)
-            spans = sorted(entries[k]["data_offsets"] for k in sampled_keys if k in entries)
-            for begin, end in spans:
-                start = begin + max(0, (end - begin - SAMPLE_BYTES) // 2)
-                f.seek(8 + length + start)
-                h.update(f.read(min(SAMPLE_BYTES, end - begin)))
-    except OSError as err:
-        raise OrthoLoraError(f"cannot read: {err.strerror or err}", path) from err
-    except (ValueError, KeyError, TypeError):
-        raise OrthoLoraError("bad safetensors header", path) from None
-    return h.hexdigest()
+        raw = path.read_bytes()
+        outline = json_outline(raw)
+        return json.loads(raw) if outline.balanced and outline.depth <= 3 else None
+    except (OSError, ValueError):
+        return None
 
 
-def _load_cache(path: Path, key: str) -> dict[str, LayerNorms]:
-    """Cached norms, or {} when the file is missing, unreadable or from another version/key."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("version") != CACHE_VERSION or data.get("key") != key:
-            return {}
-        return {name: LayerNorms(float(s), float(f)) for name, (s, f) in data["norms"].items()
-                if math.isfinite(float(s)) and math.isfinite(float(f))}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return {}
-
-
-def _save_cache(path: Path, key: str, source: Path, arch_id: str, norms: dict[str, LayerNorms]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"version": CACHE_VERSION, "key": key, "checkpoint": str(source), "arch": arch_id,
-            "rtol": RTOL, "norms": {n: [v.spectral, v.frobenius] for n, v in sorted(norms.items())}}
+def _write_json(path: Path, data: object) -> None:
     with atomic_output(path, overwrite=True) as tmp:
         tmp.write_text(json.dumps(data, indent=0), encoding="utf-8")
+
+
+def _load_store(path: Path) -> dict[str, LayerNorms]:
+    """digest → norms, or {} when the file is missing, unreadable or from another version/rtol."""
+    data = _read_json(path)
+    if not (isinstance(data, dict) and data.get("version") == CACHE_VERSION and data.get("rtol") == RTOL
+            and isinstance(data.get("norms"), dict)):
+        return {}
+    out = {}
+    for digest, pair in data["norms"].items():
+        if _is_digest(digest) and isinstance(pair, list) and len(pair) == 2 \
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in pair):
+            out[digest] = LayerNorms(float(pair[0]), float(pair[1]))
+    return out
+
+
+def _save_store(path: Path, norms: dict[str, LayerNorms]) -> None:
+    merged = _load_store(path) | norms
+    _write_json(path, {"version": CACHE_VERSION, "rtol": RTOL,
+                       "norms": {d: [v.spectral, v.frobenius] for d, v in sorted(merged.items())}})

@@ -1,4 +1,4 @@
-"""Orthogonalize K ≥ 2 LoRAs (F§6): shared and secondary directions, λ, residuals, all exact.
+"""Orthogonalize K ≥ 2 LoRAs (docs/formats.md#ortho): shared and secondary directions, λ, residuals, all exact.
 
 Objective, per layer (default): min over λ ∈ R^K and a direction v of Σ_k ‖dW_k − λ_k·v‖²_F, the
 top singular pair of the K × N matrix of flattened deltas. Solved exactly from the Gram matrix
@@ -40,23 +40,23 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from . import align
+from . import align, arguments, prediction
+from .arch import Arch
 from .errors import OrthoLoraError
-from .fileio import safe_output_path
 from .keys import name_table
 from .lorafile import LoraFile, read_lora, write_lora
 from .lowrank import LowRank
 from .modules import NetworkModule
 from .progress import Progress
-from .rank import RankPolicy
-from .report import Report, Row
+from .rank import RankPolicy, as_policy
+from .report import Report, Row, Status
+from .run import Run
 
 NULL = 1e-7  # a direction with √Λ_p ≤ NULL·√tr G is numerically zero (eigh is exact to ~1e-8 of it)
 EPS = 1e-12  # singular values ≤ EPS·Σ_k |w_k|·‖dW_k‖ are float64 rounding noise of a combination
@@ -132,7 +132,7 @@ def compress(b: Basis, w: torch.Tensor, shape: tuple[int, ...], policy: RankPoli
              floors: torch.Tensor) -> list[tuple[LowRank | None, float]]:
     """Σ_k w_ik·dW_k for each row i of `w` [n, K], as balanced factors: SVD Uc·S·Vcᵀ of the core
     Ru·diag(w_i[owner])·Rdᵀ (R×R, batched), up = Qu·Uc·√S, down = √S·Vcᵀ·Qdᵀ (the QR-factor SVD
-    of F§4, one QR pair and one product per side for all outputs). Singular values ≤ floors[i] are
+    in docs/formats.md#factor-svd; one QR pair and one product per side for all outputs). Singular values ≤ floors[i] are
     rounding noise; `policy` (None: keep the rest, exact) picks the rank. Returns per row the
     factors (None when rank 0) and the relative Frobenius error of the truncation."""
     uc, s, vch = torch.linalg.svd((b.ru * w[:, b.owner][:, None, :]) @ b.rd.T, full_matrices=False)
@@ -209,14 +209,14 @@ def alignment_report(stems: list[str], arch: str, grams: dict[str, torch.Tensor]
     """Rows per layer (cosines, λ_{·,1}, shares) and `data` with the K×K matrices per layer, per
     block and over the file, before and after removing the shared direction (see `align`)."""
     table = name_table(arch)
-    report = Report("ortho", totals={"architecture": arch, "loras": len(stems),
+    report = Report("ortho", totals={"architecture": Arch(arch).title, "loras": len(stems),
                                      "lambda": "global" if global_lambda else "per layer", "layers": len(grams)})
     entries, per_layer = [], []
     for name, g in grams.items():
         d, block = sols[name], table[name].block
         row = report.add(Row(name, old_rank=ranks[name], extra={"block": block}))
         if float(g.trace()) <= 0:
-            row.status, row.note = "skipped", "zero in every LoRA"
+            row.status, row.note = Status.SKIPPED, "zero in every LoRA"
             continue
         r = d.residual_gram(g)
         entries.append((block, g, r))
@@ -309,83 +309,81 @@ def _metadata(key: tuple[str, int], files: list[LoraFile], sols: dict[str, Direc
             "ortholora_ortho": json.dumps(info, separators=(",", ":"))}
 
 
-class _Steps:
-    """Counts work done for a `Progress` whose total grows as it becomes known."""
-
-    def __init__(self, progress: Progress | None, total: int):
-        self.progress, self.done, self.total = progress, 0, total
-
-    def __call__(self, what: str) -> None:
-        self.done += 1
-        if self.progress:
-            self.progress(self.done, self.total, what)
-
-
 def ortho_lora(paths: Sequence[str | Path], out_dir: str | Path | None = None, *, directions: int = 2,
-               residuals: bool = True, global_lambda: bool = False, policy: RankPolicy | None = None,
+               residuals: bool = True, global_lambda: bool = False, rank: RankPolicy | str | int | None = None,
                dtype: torch.dtype = torch.float16, prefix: str = "ortho", overwrite: bool = False,
                progress: Progress | None = None) -> Report:
     """Orthogonalize K ≥ 2 LoRA files of one architecture and report their alignment (`report.data`
-    holds the heatmap data, see `align`). With `out_dir`, write `{prefix}_shared` (v_1),
-    `{prefix}_direction{p}` for 2 ≤ p ≤ `directions` and, with `residuals`,
-    `{stem}_{prefix}_residual` (= input − λ_{·,1}·shared) per input; see `Options`."""
-    start = time.perf_counter()
-    paths = [Path(p) for p in paths]
-    opts = Options(directions, residuals, global_lambda, policy, dtype)
+    holds the heatmap data, see `align`). With `out_dir` (made if missing), write `{prefix}_shared`
+    (v_1), `{prefix}_direction{p}` for 2 ≤ p ≤ `directions` and, with `residuals`,
+    `{stem}_{prefix}_residual` (= input − λ_{·,1}·shared) per input, all or none; `rank`: the rank
+    policy of every output (None: exact); see `Options`."""
+    paths, out_dir = arguments.path_list(paths), arguments.optional_path(out_dir, "out_dir")
     if len(paths) < 2:
         raise OrthoLoraError(f"orthogonalization needs at least two LoRAs, got {len(paths)}")
-    if not 0 <= directions <= len(paths):
-        raise OrthoLoraError(f"directions must be between 0 and the number of LoRAs ({len(paths)}), got {directions}")
-    targets = {}
-    if out_dir is not None:
-        targets = {key: safe_output_path(out_dir, _file_name(key, [p.stem for p in paths], prefix))
-                   for key in opts.keys(len(paths))}
-        for path in targets.values():
-            if path.exists() and not overwrite:
-                raise OrthoLoraError("exists; pass overwrite to replace it", path)
-    step = _Steps(progress, len(paths))
-    files = []
-    for p in paths:
-        files.append(read_lora(p))
-        step(p.name)
-    arch = _common_arch(files)
-    modules = _modules(files, arch)
-    step.total += len(modules) * (2 if targets else 1) + len(targets)
-    grams, ranks = {}, {}
-    for name, mods in modules.items():
-        parts = _lowranks(name, mods, files)
-        grams[name], ranks[name] = align.gram(parts), sum(p.rank for p in parts if p is not None)
-        step(name)
-    sols = directions_of(grams, global_lambda)
-    report = alignment_report([f.stem for f in files], arch, grams, ranks, sols, global_lambda)
-    report.totals.update({"directions": directions, "policy": policy.describe() if policy else "exact"})
-    unknown = sum(len(f.unknown) for f in files)
-    if unknown:
-        report.warnings.append(f"{unknown} modules map to no {arch} layer and were left out")
-    if targets:
-        outputs: dict[tuple[str, int], dict[str, LowRank]] = {key: {} for key in targets}
-        rows = {r.module: r for r in report.rows}
-        layers = ((name, _lowranks(name, mods, files)) for name, mods in modules.items())
-        for name, found, err in build_outputs(layers, grams, sols, opts):
-            for key, lr in found.items():
-                outputs[key][name] = lr
-            if found:
-                rows[name].rel_error = err
-                rows[name].rank = found[("direction", 1)].rank if ("direction", 1) in found else None
-            step(name)
-        report.totals["max_rel_error"] = max((r.rel_error for r in rows.values() if r.rel_error is not None),
+    opts = Options(arguments.whole(directions, "directions", 0, len(paths)), arguments.flag(residuals, "residuals"),
+                   arguments.flag(global_lambda, "global_lambda"), as_policy(rank) if rank is not None else None,
+                   arguments.output_dtype(dtype))
+    if not isinstance(prefix, str) or not prefix:
+        raise OrthoLoraError(f"prefix must be a non-empty text, got {prefix!r}")
+    with Run("ortho", progress) as run:
+        targets = {}
+        if out_dir is not None:
+            targets = {key: Path(out_dir) / f"{_file_name(key, [p.stem for p in paths], prefix)}.safetensors"
+                       for key in opts.keys(len(paths))}
+            run.claim(targets.values(), inputs=paths, overwrite=overwrite, make_folders=True)
+        read = run.phase("read", len(paths))
+        files = []
+        for p in paths:
+            files.append(read_lora(p))
+            read.step(p.name)
+        arch = _common_arch(files)
+        modules = _modules(files, arch)
+        gram = run.phase("gram", len(modules))
+        grams, ranks = {}, {}
+        for name, mods in modules.items():
+            parts = _lowranks(name, mods, files)
+            grams[name], ranks[name] = align.gram(parts), sum(p.rank for p in parts if p is not None)
+            gram.step(name)
+        sols = directions_of(grams, opts.global_lambda)
+        report = run.use(alignment_report([f.stem for f in files], arch, grams, ranks, sols, opts.global_lambda))
+        report.totals.update({"directions": opts.directions,
+                              "policy": opts.policy.describe() if opts.policy else "exact"})
+        unknown = sum(len(f.unknown) for f in files)
+        if unknown:
+            report.warnings.append(f"{unknown} modules map to no {arch} layer and were left out")
+        if targets:
+            _write_outputs(run, targets, files, modules, grams, sols, opts)
+    return run.report
+
+
+def _write_outputs(run: Run, targets: dict[tuple[str, int], Path], files: list[LoraFile],
+                   modules: dict[str, list[NetworkModule | None]], grams: dict[str, torch.Tensor],
+                   sols: dict[str, Directions], opts: Options) -> None:
+    """Build every output layer by layer, then write each into its claimed target."""
+    outputs: dict[tuple[str, int], dict[str, LowRank]] = {key: {} for key in targets}
+    rows = {r.module: r for r in run.report.rows}
+    layers = ((name, _lowranks(name, mods, files)) for name, mods in modules.items())
+    build = run.phase("build", len(modules))
+    for name, found, err in build_outputs(layers, grams, sols, opts):
+        for key, lr in found.items():
+            outputs[key][name] = lr
+        if found:
+            rows[name].rel_error = err
+            rows[name].rank = found[("direction", 1)].rank if ("direction", 1) in found else None
+        build.step(name)
+    run.report.totals["max_rel_error"] = max((r.rel_error for r in rows.values() if r.rel_error is not None),
                                              default=0.0)
-        modules.clear()  # the inputs' tensors are no longer needed: free them before writing
-        for f in files:
-            f.modules.clear()
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        for key, path in targets.items():
-            found = outputs.pop(key)
-            if found:
-                write_lora(path, found, arch, dtype, _metadata(key, files, sols, opts), overwrite)
-                report.outputs.append(str(path))
-            else:
-                report.warnings.append(f"{path.name} was not written: it is zero in every layer")
-            step(path.name)
-    report.totals["seconds"] = round(time.perf_counter() - start, 2)
-    return report
+    modules.clear()  # the inputs' tensors are no longer needed: free them before writing
+    for f in files:
+        f.modules.clear()
+    arch = files[0].arch
+    write = run.phase("write", len(targets))
+    for key, path in targets.items():
+        found = outputs.pop(key)
+        if found:
+            write_lora(path, found, arch, opts.dtype, _metadata(key, files, sols, opts),
+                       prediction=prediction.common([f.metadata for f in files]))
+        else:
+            run.not_written(path, "it is zero in every layer")
+        write.step(path.name)

@@ -1,4 +1,5 @@
-"""Progress reporting: core operations call `progress(done, total, what)`; adapters draw it."""
+"""Progress reporting: core operations call `progress(done, total, what)` (see `run.Phase`);
+adapters draw it. A `Progress` may raise to cancel the operation (the UI's Stop button does)."""
 from __future__ import annotations
 
 import sys
@@ -14,6 +15,7 @@ class TextBar:
     def __init__(self, label: str, stream: TextIO = sys.stderr, width: int = 30):
         self.label, self.stream, self.width = label, stream, width
         self.start = self._last = time.monotonic()
+        self._open = False  # a bar line is drawn and not yet ended
 
     def __call__(self, done: int, total: int, what: str) -> None:
         now = time.monotonic()
@@ -25,6 +27,14 @@ class TextBar:
         line = (f"\r{self.label} [{'#' * fill}{'.' * (self.width - fill)}] {done}/{total} "
                 f"{now - self.start:5.1f}s {what[-40:]:<40}")
         self.stream.write(line)
+        self._open = True
         if done >= total:
-            self.stream.write("\n")
+            self.end()
         self.stream.flush()
+
+    def end(self) -> None:
+        """End a bar line left open, so that what is printed next starts on a line of its own."""
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False

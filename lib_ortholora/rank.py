@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import OrthoLoraError
+from .errors import OrthoLoraError, quote
+from .shapes import full_rank, matrix_shape
 
 KINDS = ("fixed", "fraction", "sv_ratio", "threshold", "fro", "cumulative")
 
@@ -26,10 +27,16 @@ class RankPolicy:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise OrthoLoraError(f"unknown rank policy {self.kind!r}; expected one of {', '.join(KINDS)}")
+            raise OrthoLoraError(f"unknown rank policy {quote(str(self.kind))}; expected one of {', '.join(KINDS)}")
+        number = isinstance(self.value, (int, float)) and not isinstance(self.value, bool)
+        counts = all(isinstance(n, int) and not isinstance(n, bool) for n in (self.min_rank, self.max_rank or 0))
+        if not (number and counts):
+            raise OrthoLoraError(f"rank policy {self.kind}: value {self.value!r}, min {self.min_rank!r} and max "
+                                 f"{self.max_rank!r} must be numbers (min and max whole)")
         bad = (self.value <= 0 or not math.isfinite(self.value)
                or (self.kind in ("fro", "cumulative", "fraction") and self.value > 1)
                or (self.kind == "sv_ratio" and self.value < 1)
+               or (self.kind == "fixed" and self.value != int(self.value))
                or self.min_rank < 0 or (self.max_rank is not None and self.max_rank < max(self.min_rank, 1)))
         if bad:
             raise OrthoLoraError(f"rank policy {self.describe()} is out of range")
@@ -44,9 +51,10 @@ class RankPolicy:
 
     def cap(self, shape: tuple[int, ...]) -> int:
         """An upper bound on the rank this policy can pick for a layer of this shape."""
-        out, inner = shape[0], math.prod(shape[1:])
+        out, inner = matrix_shape(shape)
         full = min(out, inner)
-        bound = {"fixed": int(self.value), "fraction": math.ceil(self.value * inner)}.get(self.kind, full)
+        bound = (int(self.value) if self.kind == "fixed" else math.ceil(self.value * inner) if self.kind == "fraction"
+                 else full)
         if self.max_rank is not None:
             bound = min(bound, self.max_rank)
         return max(min(bound, full), min(self.min_rank, full))
@@ -55,7 +63,7 @@ class RankPolicy:
         """True when the choice depends on singular values beyond the first `cap(shape)`."""
         if self.kind in ("fixed", "fraction"):
             return False
-        return self.kind == "cumulative" or self.cap(shape) >= min(shape[0], math.prod(shape[1:]))
+        return self.kind == "cumulative" or self.cap(shape) >= full_rank(shape)
 
     def choose(self, s: torch.Tensor, shape: tuple[int, ...], energy: float | None = None) -> int:
         """Rank for singular values `s` (descending; at least the top `cap(shape)` of them).
@@ -89,7 +97,7 @@ def parse_policy(text: str) -> RankPolicy:
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, val = part.partition("=")
         if not sep:
-            raise OrthoLoraError(f"rank policy {text!r}: expected key=value, got {part!r}")
+            raise OrthoLoraError(f"rank policy {quote(text)}: expected key=value, got {quote(part)}")
         fields[key.strip()] = val.strip()
     try:
         lo = int(fields.pop("min", 1))
@@ -100,7 +108,7 @@ def parse_policy(text: str) -> RankPolicy:
         (kind, val), = fields.items()
         return RankPolicy(kind, float(val), lo, hi)
     except ValueError:
-        raise OrthoLoraError(f"rank policy {text!r} is not of the form kind=value[,min=N][,max=N] "
+        raise OrthoLoraError(f"rank policy {quote(text)} is not of the form kind=value[,min=N][,max=N] "
                              f"with kind in {', '.join(KINDS)}") from None
 
 

@@ -1,4 +1,4 @@
-"""Resize LoRAs (F§4): exact SVD of every layer from its factors, recipes (scores.py), batches.
+"""Resize LoRAs (docs/formats.md#resize): exact SVD of every layer from its factors, recipes (scores.py), batches.
 
 Decomposition of ΔW = c·up·down (c = alpha/r, up [out, r], down [r, in·k·k]) without forming it:
 from the R factors of Householder QRs up = Q_u·R_u and downᵀ = Q_d·R_d (float32; Q is never
@@ -9,30 +9,32 @@ a_i = R_dᵀ·y_i
 i.e. U = up·L and Vᴴ = R·down for two small matrices L, R: O((out + in·k²)·r²) for the QRs, r×r
 work in float64, and only kept directions are ever formed. Directions with σ' ≤ 1e-6·σ'_1 (float32
 noise of the factors) count as zero. Kept directions are written balanced (√σ in both factors,
-alpha = new rank); layers with none kept are dropped.
+scale 1; on disk with the file's one alpha, lorafile.file_alpha); layers with none kept are dropped.
 """
 from __future__ import annotations
 
 import math
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from . import arguments, prediction
+from .arch import ARCHS, Arch
 from .errors import OrthoLoraError
-from .fileio import safe_output_path
-from .lorafile import LoraFile, lora_metadata, read_lora, write_lora
+from .lorafile import LoraFile, carried_metadata, read_lora, write_lora
 from .lowrank import LowRank, balanced
 from .modules import NetworkModule
-from .normcache import BaseCheckpoint, LayerNorms, layer_parallelism, parallel_map
+from .normcache import BaseCheckpoint, LayerNorms
+from .paths import PathLike
+from .parallel import layer_parallelism, parallel_map
 from .progress import Progress
-from .report import Report, Row
+from .report import Report, Row, Status
+from .run import Run
 from .scores import LayerScoring, Recipe, parse_recipes, references, select
+from .shapes import matrix_shape
 
-PathLike = str | os.PathLike
 NULL_RTOL = 1e-12  # on σ'², i.e. σ' ≤ 1e-6·σ'_1
 
 
@@ -112,7 +114,7 @@ def _row(name: str, f: Factored, keep: torch.Tensor, norms: LayerNorms | None) -
     total = float(f.s.square().sum())
     lost = math.sqrt(float(f.s[~keep].square().sum()))
     kept = int(keep.sum())
-    status = "zero" if total == 0 else "ok" if kept else "dropped"
+    status = Status.ZERO if total == 0 else Status.OK if kept else Status.DROPPED
     extra = {"fro_kept": math.sqrt(max(total - lost * lost, 0.0) / total) if total else 0.0}
     if norms is not None:
         extra["err_base"] = lost / norms.frobenius if norms.frobenius else 0.0
@@ -145,18 +147,9 @@ def resize(factored: Mapping[str, Factored], recipes: Sequence[Recipe], itemsize
 # Files
 
 
-def carried_metadata(meta: Mapping[str, str], arch: str) -> dict[str, str]:
-    """The input's `ss_*` training and `modelspec.*` descriptive metadata that still holds after a
-    resize: nothing lora_metadata recomputes, no ss_network_* (shape), no hashes."""
-    recomputed = set(lora_metadata(arch, {}, ""))
-    return {k: v for k, v in meta.items()
-            if k.startswith(("ss_", "modelspec.")) and "hash" not in k.lower()
-            and not k.startswith("ss_network_") and k not in recomputed}
-
-
 def output_path(out_dir: PathLike, stem: str, recipe: Recipe) -> Path:
-    """`<out_dir>/<stem>_<recipe tag>.safetensors`."""
-    return safe_output_path(out_dir, f"{stem}_{recipe.tag}")
+    """`<out_dir>/<stem>_<recipe tag>.safetensors` (the stem of the user's own file, as it is)."""
+    return Path(out_dir) / f"{stem}_{recipe.tag}.safetensors"
 
 
 def _decompose(lf: LoraFile, names: list[str], base: BaseCheckpoint | None, subspace: bool,
@@ -185,7 +178,7 @@ def _decompose(lf: LoraFile, names: list[str], base: BaseCheckpoint | None, subs
         if scale is not None:
             scales[name] = scale
         if progress:
-            progress(i + 1, len(names), f"decompose {name}")
+            progress(i + 1, len(names), name)
     return factored, scales
 
 
@@ -199,21 +192,14 @@ def _check_against_base(lf: LoraFile, names: list[str], base: BaseCheckpoint) ->
                                  f"{tuple(t.shape)}", lf.path)
 
 
-def _resize_file(path: Path, recipes: Sequence[Recipe], out_dir: Path, base: BaseCheckpoint | None,
-                 arch: str | None, dtype: torch.dtype, overwrite: bool, report: Report,
-                 progress: Progress | None, times: dict[str, float]) -> None:
-    """Resize one LoRA file with every recipe; outputs, rows and totals go into `report`."""
-    todo = []
-    for recipe in recipes:
-        target = output_path(out_dir, path.stem, recipe)
-        if target.exists() and not overwrite:
-            report.warnings.append(f"{target}: exists; pass overwrite to replace it")
-        else:
-            todo.append((recipe, target))
-    if not todo:
-        return
-    start = time.perf_counter()
+def _resize_file(run: Run, path: Path, todo: list[tuple[Recipe, Path]], base: BaseCheckpoint | None,
+                 arch: str | None, dtype: torch.dtype) -> tuple[str, int]:
+    """Resize one LoRA file with every recipe into its claimed targets; rows, outputs and warnings
+    go into the run's report. Returns the file's architecture and the base norms computed."""
+    report = run.report
+    read = run.phase("read", 1)
     lf = read_lora(path, arch)
+    read.step(path.name)
     if lf.arch is None:
         raise OrthoLoraError("cannot tell the architecture; pass it explicitly", path)
     names = [n for n in lf.modules if n not in lf.unknown]
@@ -222,88 +208,82 @@ def _resize_file(path: Path, recipes: Sequence[Recipe], out_dir: Path, base: Bas
     if lf.unknown or lf.stray_keys:
         report.warnings.append(f"{path}: ignored {len(lf.unknown)} unknown modules and "
                                f"{len(lf.stray_keys)} stray tensors")
-    norms = None
+    norms, computed = None, 0
     if base is not None:
         _check_against_base(lf, names, base)
-        t0 = time.perf_counter()
-        norms, computed = base.norms(names, progress)
-        times["norms_s"] += time.perf_counter() - t0
-        times["norms_computed"] += computed
-    t0 = time.perf_counter()
-    factored, scales = _decompose(lf, names, base, any(r.uses_subspace for r, _ in todo), progress)
-    times["decompose_s"] += time.perf_counter() - t0
-    t0 = time.perf_counter()
+        norms, computed = base.norms(names, run.phase("norms"))
+    factored, scales = _decompose(lf, names, base, any(r.uses_subspace for r, _ in todo), run.phase("decompose"))
     carried = carried_metadata(lf.metadata, lf.arch)
     results = resize(factored, [r for r, _ in todo], dtype.itemsize, norms, scales)
-    for i, ((recipe, target), res) in enumerate(zip(todo, results)):
-        if progress:
-            progress(i + 1, len(todo), f"write {target.name}")
+    step = run.phase("write", len(todo)).step  # each recipe applied, then written
+    for (recipe, target), res in zip(todo, results):
         for row in res.rows:
             row.extra = {"lora": path.stem, "recipe": recipe.tag, **row.extra}
         report.rows.extend(res.rows)
         if not res.lowranks:
-            report.warnings.append(f"{target}: not written, {recipe.text} keeps no direction")
+            run.not_written(target, f"{recipe.text} keeps no direction of {path.name}")
+            step(target.name)
             continue
         extra = {**carried, "ortholora_resize_recipe": recipe.text, "ortholora_resize_source": path.name}
         if res.threshold is not None and math.isfinite(res.threshold):
             extra["ortholora_resize_threshold"] = f"{res.threshold:.6g}"
-        write_lora(target, res.lowranks, lf.arch, dtype, extra, overwrite)
-        directions = sum(lr.rank for lr in res.lowranks.values())
-        size = sum(lr.rank * (lr.shape[0] + math.prod(lr.shape[1:])) for lr in res.lowranks.values())
-        note = f"{len(res.lowranks)} layers, {directions} directions, {size * dtype.itemsize / 2**20:.2f} MiB"
-        if res.threshold is not None:
-            note += f", threshold {res.threshold:.4g}"
-        report.totals[target.name] = note
-        report.outputs.append(str(target))
-    times["output_s"] += time.perf_counter() - t0
-    times["files_s"] += time.perf_counter() - start
+        write_lora(target, res.lowranks, lf.arch, dtype, extra, prediction=prediction.common([lf.metadata]))
+        size = sum(lr.rank * sum(matrix_shape(lr.shape)) for lr in res.lowranks.values())
+        report.data.setdefault("outputs", []).append({
+            "file": str(target), "lora": path.name, "recipe": recipe.text, "layers": len(res.lowranks),
+            "directions": sum(lr.rank for lr in res.lowranks.values()),
+            "mib": round(size * dtype.itemsize / 2**20, 3), "threshold": res.threshold})
+        step(target.name)
+    return lf.arch, computed
 
 
 def resize_files(loras: Sequence[PathLike], out_dir: PathLike, recipes: str | Sequence[Recipe],
                  ckpt: PathLike | None = None, *, arch: str | None = None,
                  dtype: torch.dtype = torch.float16, cache_dir: PathLike | None = None,
                  overwrite: bool = False, progress: Progress | None = None) -> Report:
-    """Resize each LoRA with each recipe into `out_dir/<stem>_<tag>.safetensors`.
+    """Resize each LoRA with each recipe into `out_dir/<stem>_<tag>.safetensors` (the folder is
+    made if missing). All or nothing: every output is claimed before any work and published when
+    every file is done; any failure leaves none.
 
     `ckpt` (the base checkpoint) is needed by spn_ckpt / fro_ckpt / subspace scores; when given,
     rows also carry the error relative to the base layer. Base norms are cached in `cache_dir`
-    (see normcache). A file that fails is reported in `warnings` and the others are still done."""
-    start = time.perf_counter()
+    (see normcache). `report.data["outputs"]` describes each file written."""
     recipes = parse_recipes(recipes) if isinstance(recipes, str) else list(recipes)
     if not recipes:
         raise OrthoLoraError("no recipe given")
     needs = [r.text for r in recipes if r.uses_ckpt]
     if needs and ckpt is None:
         raise OrthoLoraError(f"recipe {needs[0]} needs the base checkpoint")
-    paths = [Path(p) for p in loras]
+    paths = arguments.path_list(loras)
     if not paths:
         raise OrthoLoraError("no LoRA file given")
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OrthoLoraError(f"cannot create the output folder: {err.strerror or err}", out) from err
-    report = Report("resize")
-    times = dict.fromkeys(("norms_s", "decompose_s", "output_s", "files_s"), 0.0) | {"norms_computed": 0}
-    failed = 0
-    base = BaseCheckpoint(ckpt, cache_dir) if ckpt is not None else None
-    try:
-        with layer_parallelism():
-            for path in paths:
-                try:
-                    _resize_file(path, recipes, out, base, arch, dtype, overwrite, report, progress, times)
-                except OrthoLoraError as err:
-                    failed += 1
-                    report.warnings.append(str(err) if err.path else f"{path}: {err}")
-    finally:
+    out_dir, ckpt = arguments.path(out_dir, "out_dir"), arguments.optional_path(ckpt, "ckpt")
+    if arch is not None:
+        arguments.choice(arch, ARCHS, "arch")
+    dtype = arguments.output_dtype(dtype)
+    todo = {path: [(recipe, output_path(out_dir, path.stem, recipe)) for recipe in recipes] for path in paths}
+    with Run("resize", progress) as run:
+        run.claim([target for jobs in todo.values() for _, target in jobs], inputs=[*paths, ckpt],
+                  overwrite=overwrite, make_folders=True)
+        archs, computed = set(), 0
+        base = BaseCheckpoint(ckpt, cache_dir) if ckpt is not None else None
+        try:
+            with layer_parallelism():
+                for path, jobs in todo.items():
+                    try:
+                        arch_id, n = _resize_file(run, path, jobs, base, arch, dtype)
+                    except OrthoLoraError as err:
+                        if err.path is None:
+                            raise OrthoLoraError(err.problem, path) from None
+                        raise
+                    archs.add(Arch(arch_id).title)
+                    computed += n
+        finally:
+            if base is not None:
+                base.close()
+                run.report.warnings.extend(base.warnings)
+        run.report.totals.update({"architecture": ", ".join(sorted(archs)), "files": len(paths),
+                                  "recipes": " : ".join(r.text for r in recipes)})
         if base is not None:
-            base.close()
-            report.warnings.extend(base.warnings)
-    report.totals.update({"files": len(paths), "failed": failed, "outputs": len(report.outputs),
-                          "recipes": " : ".join(r.text for r in recipes)})
-    if base is not None:
-        report.totals["base_norms"] = (f"computed {times['norms_computed']} layers" if times["norms_computed"]
-                                       else "all from cache")
-    report.totals.update({k: round(v, 3) for k, v in times.items() if k.endswith("_s")})
-    report.totals["seconds"] = round(time.perf_counter() - start, 3)
-    return report
+            run.report.totals["base_norms"] = f"computed {computed} layers" if computed else "all from cache"
+    return run.report

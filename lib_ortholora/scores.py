@@ -34,8 +34,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .errors import OrthoLoraError
+from .errors import OrthoLoraError, quote
 from .rank import RankPolicy
+from .shapes import matrix_shape
 
 SCORES = ("spn_ckpt", "spn_lora", "fro_ckpt", "fro_lora", "subspace")
 CKPT_SCORES = frozenset({"spn_ckpt", "fro_ckpt", "subspace"})
@@ -79,8 +80,7 @@ def _fmt(x: float) -> str:
 
 
 def _bad(text: str, problem: str) -> OrthoLoraError:
-    shown = text if len(text) <= 80 else text[:77] + "..."
-    return OrthoLoraError(f"recipe {shown!r}: {problem}")
+    return OrthoLoraError(f"recipe {quote(text, 80)}: {problem}")
 
 
 def _number(text: str, key: str, value: str | None) -> float:
@@ -89,7 +89,7 @@ def _number(text: str, key: str, value: str | None) -> float:
     try:
         x = float(value)
     except ValueError:
-        raise _bad(text, f"{key}={value!r} is not a number") from None
+        raise _bad(text, f"{key}={quote(value)} is not a number") from None
     if not math.isfinite(x):
         raise _bad(text, f"{key} must be finite")
     return x
@@ -99,7 +99,7 @@ def _rank(text: str, value: str | None) -> int:
     try:
         n = int(value or "")
     except ValueError:
-        raise _bad(text, f"rank={value!r} is not a whole number") from None
+        raise _bad(text, f"rank={quote(value or '')} is not a whole number") from None
     if not 1 <= n <= MAX_RANK:
         raise _bad(text, f"rank must be between 1 and {MAX_RANK}")
     return n
@@ -114,7 +114,7 @@ def _fields(text: str) -> dict[str, str | None]:
             raise _bad(text, "empty item (stray ',' or '=')")
         if key not in SCORES and key not in KOHYA and key not in ("thr", "size", "rank"):
             known = ", ".join((*SCORES, "thr", "size", *KOHYA, "rank"))
-            raise _bad(text, f"unknown key {key!r}; expected one of {known}")
+            raise _bad(text, f"unknown key {quote(key)}; expected one of {known}")
         if key in fields:
             raise _bad(text, f"{key} given twice")
         fields[key] = value.strip() if sep else None
@@ -203,7 +203,7 @@ class LayerScoring:
     refs: dict[str, float | torch.Tensor]
 
     def direction_bytes(self, itemsize: int) -> int:
-        return (self.shape[0] + math.prod(self.shape[1:])) * itemsize
+        return sum(matrix_shape(self.shape)) * itemsize
 
 
 def references(s: torch.Tensor, spectral: float | None = None, frobenius: float | None = None,

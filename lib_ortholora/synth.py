@@ -15,8 +15,10 @@ import torch
 
 from . import arch as _arch
 from .fileio import TensorSpec, write_safetensors_streamed
-from .keys import Target, targets
+from .keys import Target, rows_of, targets
+from .outputs import Outputs
 from .progress import Progress
+from .shapes import matrix_shape
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def delta(t: Target, seed: int, ds: DeltaSpec) -> torch.Tensor | None:
     if rel == 0 or (t.conv and not ds.conv):
         return None
     g = _gen(seed + 1, t.name)
-    out, inner = t.shape[0], math.prod(t.shape[1:])
+    out, inner = matrix_shape(t.shape)
     k = min(ds.rank, out, inner)
     u = torch.linalg.qr(torch.randn(out, k, generator=g))[0]
     v = torch.linalg.qr(torch.randn(inner, k, generator=g))[0].T
@@ -83,8 +85,7 @@ def _tuned_producer(shapes: dict, seed: int, ds: DeltaSpec, tgts: list[Target], 
         for t in by_key.get(key, ()):
             d = delta(t, seed, ds)
             if d is not None:
-                rows = slice(*t.rows) if t.rows else slice(None)
-                w[rows] += d
+                rows_of(w, t.rows).add_(d)
         return w if w.dtype == torch.int64 else w.to(dtype)
 
     return produce
@@ -97,6 +98,7 @@ def write_pair(arch_id: str, out_dir: str | Path, full: bool = False, seed: int 
     """Write `<arch>_base.safetensors` and `<arch>_tuned.safetensors` into `out_dir`.
 
     `full` gives real widths (benchmarks); otherwise every width is divided by 16 (tests, demo).
+    `out_dir` is created when missing.
     """
     shapes = _arch.spec(arch_id, 1 if full else 16, inpaint)
     arch = _arch.Arch(arch_id, inpaint)
@@ -115,8 +117,10 @@ def write_pair(arch_id: str, out_dir: str | Path, full: bool = False, seed: int 
             return produce(key)
         return wrapped
 
-    write_safetensors_streamed(paths[0], specs, counted(lambda k: base_tensor(k, shapes[k], seed).to(
-        torch.int64 if k.endswith("position_ids") else dtype)), meta, overwrite)
-    produce = _tuned_producer(shapes, seed, deltas, targets(arch, shapes, conv=True), dtype)
-    write_safetensors_streamed(paths[1], specs, counted(produce), meta, overwrite)
+    with Outputs() as outputs:  # both or neither, refused before any work
+        outputs.claim(paths, overwrite=overwrite, make_folders=True)
+        write_safetensors_streamed(paths[0], specs, counted(lambda k: base_tensor(k, shapes[k], seed).to(
+            torch.int64 if k.endswith("position_ids") else dtype)), meta, overwrite)
+        produce = _tuned_producer(shapes, seed, deltas, targets(arch, shapes, conv=True), dtype)
+        write_safetensors_streamed(paths[1], specs, counted(produce), meta, overwrite)
     return paths

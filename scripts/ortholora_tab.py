@@ -2,20 +2,22 @@
 HTTP API under /ortholora/v1. Everything here only translates between the webui and
 `lib_ortholora.ui.UiConfig`; the tab itself imports nothing of the webui.
 
+The API routes (and only they: the webui's own and other extensions' routes are left alone)
+refuse non-JSON bodies, other origins than the page's (except --cors-allow-origins(-regex)), and
+Host names the webui does not listen on (loopback; with --listen any address; --server-name;
+names in the ORTHOLORA_ALLOWED_HOSTS environment variable; any behind --share / --ngrok), then
+check --api-auth.
+
 Folders: LoRAs in `--lora-dir` (default models/Lora); checkpoints from the webui's own list
 (`modules.sd_models.checkpoints_list`) or `--ckpt-dir` and models/Stable-diffusion. Anything that
 cannot be imported degrades: no settings, no API, or a tab that says what is missing."""
 import logging
 import os
 import secrets
-import sys
 
-try:
-    import lib_ortholora  # noqa: F401  (the webui puts the extension folder on sys.path)
-except ImportError:  # imported by path from elsewhere
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from lib_ortholora.paths import LORA_SUFFIXES
 from lib_ortholora.ui.config import DEFAULT_RANK_POLICY, DEVICES, DTYPES, Defaults, UiConfig
+from lib_ortholora.ui.guard import RequestPolicy
 from modules import script_callbacks, shared
 
 log = logging.getLogger("ortholora")
@@ -24,7 +26,6 @@ TAB_TITLE, TAB_ID = "LoRA Toolbox", "ortholora"
 SECTION = ("ortholora", "LoRA Toolbox")
 OPT_DEVICE, OPT_DTYPE, OPT_RANK, OPT_HOOK = ("ortholora_device", "ortholora_dtype", "ortholora_rank_policy",
                                              "ortholora_hook_enabled")
-LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
 
 def _models_path():
@@ -143,6 +144,21 @@ def _api_auth():
     return [Depends(check)]
 
 
+def _csv(value):
+    return [v.strip() for v in str(value or "").split(",") if v.strip()]
+
+
+def request_policy():
+    """Who may call our routes, from the webui's own options (see the module docstring)."""
+    opts = shared.cmd_opts
+    address = getattr(opts, "server_name", None) or ("0.0.0.0" if getattr(opts, "listen", False) else "127.0.0.1")
+    tunnel = bool(getattr(opts, "share", False) or getattr(opts, "ngrok", None))
+    origins = frozenset(o.rstrip("/") for o in _csv(getattr(opts, "cors_allow_origins", None)))
+    return RequestPolicy.for_address(address, _csv(os.environ.get("ORTHOLORA_ALLOWED_HOSTS")), any_host=tunnel,
+                                     origins=origins, origin_regex=getattr(opts, "cors_allow_origins_regex", None),
+                                     allow_hint="set ORTHOLORA_ALLOWED_HOSTS=NAME")
+
+
 def on_app_started(demo, app):
     """Our routes follow the webui's own API: served only when it was started with --api."""
     if not getattr(shared.cmd_opts, "api", False):
@@ -150,7 +166,7 @@ def on_app_started(demo, app):
         return
     try:
         from lib_ortholora.ui.api import add_routes
-        add_routes(app, webui_config, dependencies=_api_auth())
+        add_routes(app, webui_config, dependencies=_api_auth(), policy=request_policy())
     except Exception:  # noqa: BLE001
         log.exception("LoRA Toolbox: the HTTP API could not be added")
 

@@ -2,6 +2,8 @@
 real operations answer the report as JSON; bad input answers 400 with the one-line message."""
 from __future__ import annotations
 
+import argparse
+import inspect
 import shutil
 from pathlib import Path
 
@@ -13,6 +15,7 @@ pytest.importorskip("httpx")
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
+from lib_ortholora.cli import parser as cli_parser  # noqa: E402
 from lib_ortholora.lorafile import read_lora  # noqa: E402
 from lib_ortholora.ui import UiConfig  # noqa: E402
 from lib_ortholora.ui import ops  # noqa: E402
@@ -32,7 +35,7 @@ def api(demo_root, tmp_path, monkeypatch):
     cfg = UiConfig.for_models(models, on_written=written.append)
     app = FastAPI()
     add_routes(app, cfg)
-    client = TestClient(app)
+    client = TestClient(app, base_url="http://127.0.0.1")  # a Host the routes answer to
     client.models, client.written = models, written
     return client
 
@@ -53,31 +56,31 @@ def test_routes_and_listing(api):
 
 
 def test_extract_on_the_demo_models(api):
-    report = post(api, "extract", {"base": BASE, "tuned": "sd15_tuned", "out": "api_lora", "dim": "8",
-                                   "no_conv": True, "dtype": "fp32", "device": "cpu"})
+    report = post(api, "extract", {"base": BASE, "tuned": "sd15_tuned", "out": "api_lora", "rank": "8",
+                                   "conv": False, "dtype": "fp32", "device": "cpu"})
     out = api.models / "Lora" / "api_lora.safetensors"
     assert report["operation"] == "extract" and report["outputs"] == [str(out)]
     assert out.is_file() and api.written == [out]
     assert report["totals"]["modules"] == len(report["rows"]) - report["totals"]["skipped"]
     assert {m.rank for m in read_lora(out).modules.values()} == {8}
     # the same again without overwrite: 400 with the reason; with it: replaced
-    r = api.post(f"{PREFIX}/extract", json={"base": BASE, "tuned": TUNED, "out": "api_lora", "dim": 4})
+    r = api.post(f"{PREFIX}/extract", json={"base": BASE, "tuned": TUNED, "out": "api_lora", "rank": 4})
     assert r.status_code == 400 and "exists" in r.json()["detail"] and "overwrite" in r.json()["detail"]
-    post(api, "extract", {"base": BASE, "tuned": TUNED, "out": "api_lora", "dim": 4, "no_conv": True,
+    post(api, "extract", {"base": BASE, "tuned": TUNED, "out": "api_lora", "rank": 4, "conv": False,
                           "overwrite": True})
     assert {m.rank for m in read_lora(out).modules.values()} == {4}
 
 
 @pytest.mark.parametrize("body, message", [
     ({"base": BASE, "tuned": TUNED}, "missing option(s) 'out'"),
-    ({"base": BASE, "tuned": TUNED, "out": "x", "rank": 3}, "unknown option(s) 'rank'"),
-    ({"base": BASE, "tuned": TUNED, "out": "x", "no_conv": "yes"}, "'no_conv' must be true or false"),
+    ({"base": BASE, "tuned": TUNED, "out": "x", "dim": 3}, "unknown option(s) 'dim'"),
+    ({"base": BASE, "tuned": TUNED, "out": "x", "conv": "yes"}, "'conv' must be true or false"),
     ({"base": BASE, "tuned": TUNED, "out": "x", "skip": float("nan")}, "must be a number"),
     ({"base": BASE, "tuned": TUNED, "out": "../evil"}, "must be a plain file name"),
     ({"base": BASE, "tuned": TUNED, "out": "/tmp/evil"}, "is an absolute path"),
     ({"base": "../Lora/demo_style.safetensors", "tuned": TUNED, "out": "x"}, "no checkpoint named"),
     ({"base": BASE, "tuned": "nope", "out": "x"}, "no checkpoint named 'nope'"),
-    ({"base": BASE, "tuned": TUNED, "out": "x", "dim": "bogus"}, "rank policy"),
+    ({"base": BASE, "tuned": TUNED, "out": "x", "rank": "bogus"}, "rank policy"),
     ({"base": BASE, "tuned": TUNED, "out": "x", "dtype": "fp8"}, "dtype must be one of"),
     ({"base": BASE, "tuned": TUNED, "out": "x", "svd": "magic"}, "svd must be one of"),
     ([1, 2], "must be a JSON object"),
@@ -129,22 +132,48 @@ def test_inspect_join_mix_merge_ortho(api):
 
 
 def test_resize_and_diag(api):
-    if ops.resize_available():
-        report = post(api, "resize", {"loras": ["demo_style"], "recipes": "rank=4"})
-        out = api.models / "Lora" / "demo_style_rank4.safetensors"
-        assert report["outputs"] == [str(out)] and out.is_file()
-        r = api.post(f"{PREFIX}/resize", json={"loras": ["demo_style"], "recipes": "spn_ckpt=1,thr=-1"})
-        assert r.status_code == 400 and "needs the base checkpoint" in r.json()["detail"]
-    else:
-        r = api.post(f"{PREFIX}/resize", json={"loras": ["demo_style"], "recipes": "rank=4"})
-        assert r.status_code == 400 and "not available" in r.json()["detail"]
+    report = post(api, "resize", {"loras": ["demo_style"], "recipes": "rank=4"})
+    out = api.models / "Lora" / "demo_style_rank4.safetensors"
+    assert report["outputs"] == [str(out)] and out.is_file()
+    r = api.post(f"{PREFIX}/resize", json={"loras": ["demo_style"], "recipes": "spn_ckpt=1,thr=-1"})
+    assert r.status_code == 400 and "needs the base checkpoint" in r.json()["detail"]
     post(api, "diag", {"lora": "demo_joined", "spec": "style=1,other=0", "out": "only_style"})
     assert (api.models / "Lora" / "only_style.safetensors").is_file()
 
 
-def test_options_mirror_the_cli():
-    assert set(options(ops.extract)) == {"base", "tuned", "out", "dim", "conv_dim", "no_conv", "skip", "svd",
-                                         "device", "dtype", "overwrite"}
-    assert set(options(ops.merge)) == {"base", "loras", "out", "multiplier", "dtype", "overwrite"}
-    assert set(options(ops.join)) == {"loras", "out", "ratio", "names", "dtype", "overwrite"}
-    assert set(options(ops.mix)) == {"loras", "out", "rank", "ratio", "dtype", "overwrite"}
+# Where the JSON API and the CLI differ on purpose: {operation: (CLI-only options, API-only options)}.
+CLI_PRINTING = {"json", "quiet"}  # how the CLI prints its report; the API always answers JSON
+API_DIFFERS = {
+    # the API takes LoRA names (and `ckpt`) relative to the models folders, writes into the LoRA
+    # folder, and keeps the norm cache where the server has it
+    "resize": ({"files", "out", "cache_dir"}, {"loras"}),
+    # outputs go to the LoRA folder; `write` says whether to write them at all (CLI: -o or not)
+    "ortho": ({"out"}, {"write"}),
+    # the tab shortens long metadata values
+    "inspect": (set(), {"full_metadata"}),
+}
+
+
+@pytest.fixture(scope="module")
+def cli_commands():
+    """{command: (option dests, required dests)} from the real argparse parsers."""
+    parser, _ = cli_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    out = {}
+    for name, p in sub.choices.items():
+        actions = [a for a in p._actions if not isinstance(a, argparse._HelpAction)]
+        out[name] = ({a.dest for a in actions}, {a.dest for a in actions if a.required or not a.option_strings})
+    return out
+
+
+@pytest.mark.parametrize("op", sorted(ops.OPERATIONS))
+def test_options_mirror_the_cli(op, cli_commands):
+    assert op in cli_commands, f"the API has {op!r} but the CLI does not"
+    cli, cli_required = cli_commands[op]
+    assert CLI_PRINTING <= cli
+    cli_only, api_only = API_DIFFERS.get(op, (set(), set()))
+    api = options(ops.OPERATIONS[op])
+    assert cli_only <= cli and api_only <= set(api) and not api_only & cli, "API_DIFFERS is out of date"
+    assert set(api) - api_only == cli - CLI_PRINTING - cli_only
+    api_required = {k for k, (_, default) in api.items() if default is inspect.Parameter.empty}
+    assert api_required - api_only <= cli_required, "an option the API requires is optional on the CLI"

@@ -28,13 +28,24 @@ def test_sd15_keys_and_names_match_reference():
 
 @pytest.mark.parametrize("arch_id", list(COUNTS))
 def test_mapping_is_a_bijection(arch_id):
-    tg = keys.targets(arch.Arch(arch_id), arch.spec(arch_id, 16))
+    tg = keys.targets(arch.Arch(arch_id), arch.spec(arch_id))
     forward = {(t.ckpt_key, t.rows): t.name for t in tg}
     assert len(set(forward.values())) == len(forward) == len(tg)
     table = keys.name_table(arch_id)
     for (ckpt_key, rows), name in forward.items():
         assert keys.resolve(arch_id, name) == name
         assert (table[name].ckpt_key, table[name].rows) == (ckpt_key, rows)
+
+
+@pytest.mark.parametrize("arch_id", list(COUNTS))
+def test_name_table_holds_the_real_layers(arch_id):
+    """name_table is the architecture's own table: each layer's shape and q/k/v rows as the real
+    checkpoint has them (not those of the tiny test models, whose widths are divided by 16)."""
+    real = {t.name: t for t in keys.targets(arch.Arch(arch_id), arch.spec(arch_id))}
+    tiny = {t.name: t for t in keys.targets(arch.Arch(arch_id), arch.spec(arch_id, 16))}
+    table = keys.name_table(arch_id)
+    assert table == real
+    assert all(table[n].shape != tiny[n].shape for n in table)
 
 
 def test_qkv_row_split_sd2_and_sdxl():

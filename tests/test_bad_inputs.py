@@ -24,16 +24,18 @@ import interop_util as IU
 import lorautil as U
 from lib_ortholora import fileio
 from lib_ortholora.cli import main
-from lib_ortholora.errors import OrthoLoraError
+from lib_ortholora.diag import bake_diag
+from lib_ortholora.errors import OrthoLoraError, printable
 from lib_ortholora.extract import extract_lora
-from lib_ortholora.fileio import safe_output_path
+from lib_ortholora.fileio import open_tensors, safe_output_path
 from lib_ortholora.inspect import inspect_lora
-from lib_ortholora.join import bake_diag, join_loras
+from lib_ortholora.join import join_loras
 from lib_ortholora.lorafile import read_lora, write_lora
 from lib_ortholora.lowrank import LowRank
 from lib_ortholora.merge import merge_lora
 from lib_ortholora.mix import mix_loras
 from lib_ortholora.ortho import ortho_lora
+from lib_ortholora.outputs import OutputExists
 from lib_ortholora.report import Report
 from lib_ortholora.resize import resize_files
 
@@ -158,13 +160,21 @@ def ckpt_ops(kit, bad: Path, out: Path) -> dict[str, tuple]:
     o = out / "out.safetensors"
     return {
         "extract-base": (lambda: extract_lora(bad, kit.tuned, 4, save_path=o),
-                         ["extract", bad, kit.tuned, "--dim", "4", "-o", o]),
+                         ["extract", bad, kit.tuned, "--rank", "4", "-o", o]),
         "extract-tuned": (lambda: extract_lora(kit.base, bad, 4, save_path=o),
-                          ["extract", kit.base, bad, "--dim", "4", "-o", o]),
+                          ["extract", kit.base, bad, "--rank", "4", "-o", o]),
         "merge": (lambda: merge_lora(bad, kit.lora, 1.0, o), ["merge", bad, kit.lora, "-o", o]),
         "resize-ckpt": (lambda: resize_files([kit.lora], out, "spn_ckpt=1,thr=-1", bad),
                         ["resize", kit.lora, "--ckpt", bad, "-o", out, "-r", "spn_ckpt=1,thr=-1"]),
     }
+
+
+def lora_refused(kit, tmp_path: Path, capsys, bad: Path, op: str, problem: str) -> None:
+    """`op` with `bad` as one of its LoRAs is refused everywhere and leaves nothing behind."""
+    out = tmp_path / "out"
+    out.mkdir()
+    guard = Guard([bad, kit.lora, kit.base], [tmp_path, out])
+    refused_everywhere(lora_ops(kit, bad, out)[op], [bad], problem, capsys, guard)
 
 
 LORA_OPS = ("inspect", "merge", "join", "mix", "resize", "ortho", "diag")
@@ -228,10 +238,7 @@ def test_unreadable_lora(kit, tmp_path, capsys, kind, op):
     build, problem = UNREADABLE[kind]
     bad = tmp_path / f"{kind}.safetensors"
     bad.write_bytes(build(kit.lora.read_bytes()))
-    out = tmp_path / "out"
-    out.mkdir()
-    guard = Guard([bad, kit.lora, kit.base], [tmp_path, out])
-    refused_everywhere(lora_ops(kit, bad, out)[op], [bad], problem, capsys, guard)
+    lora_refused(kit, tmp_path, capsys, bad, op, problem)
 
 
 @pytest.mark.parametrize("op", CKPT_OPS)
@@ -300,7 +307,7 @@ def test_extract_pair_of_different_architectures(kit, tmp_path, capsys):
     o = tmp_path / "x.safetensors"
     guard = Guard([kit.base, xl_tuned], [tmp_path])
     case = (lambda: extract_lora(kit.base, xl_tuned, 4, save_path=o),
-            ["extract", kit.base, xl_tuned, "--dim", "4", "-o", o])
+            ["extract", kit.base, xl_tuned, "--rank", "4", "-o", o])
     refused_everywhere(case, [kit.base, xl_tuned], r"base is SD1\.x but tuned .* is SDXL", capsys, guard)
 
 
@@ -334,7 +341,7 @@ def test_extract_layer_shape_differs(kit, tmp_path, capsys):
     safetensors.torch.save_file(tensors, str(tuned))
     o = tmp_path / "x.safetensors"
     guard = Guard([kit.base, tuned], [tmp_path])
-    case = (lambda: extract_lora(kit.base, tuned, 4, save_path=o), ["extract", kit.base, tuned, "--dim", "4", "-o", o])
+    case = (lambda: extract_lora(kit.base, tuned, 4, save_path=o), ["extract", kit.base, tuned, "--rank", "4", "-o", o])
     refused_everywhere(case, [tuned], rf"{re.escape(FF_KEY)} is \(20, 160\) in the tuned file but \(160, 20\)",
                        capsys, guard)
 
@@ -363,12 +370,8 @@ def _broken_factors(kind: str) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("kind", ["lora-rank", "lora-empty", "loha", "lokr", "full-bias"])
 def test_factors_that_do_not_fit_together(kit, tmp_path, capsys, kind, op):
     bad = U.save(tmp_path / f"{kind}.safetensors", _broken_factors(kind))
-    out = tmp_path / "out"
-    out.mkdir()
-    guard = Guard([bad, kit.lora, kit.base], [tmp_path, out])
-    refused_everywhere(lora_ops(kit, bad, out)[op], [bad],
-                       r"module lora_te_text_model_encoder_layers_0_mlp_fc1: its tensors do not fit together",
-                       capsys, guard)
+    lora_refused(kit, tmp_path, capsys, bad, op,
+                 r"module lora_te_text_model_encoder_layers_0_mlp_fc1: its tensors do not fit together")
 
 
 def test_join_sources_disagree_on_a_layer_shape(kit, tmp_path, capsys):
@@ -415,17 +418,22 @@ def test_nan_in_a_checkpoint_layer_extract(kit, tmp_path, capsys, side):
     base, tuned = (bad, kit.tuned) if side == "base" else (kit.base, bad)
     o = tmp_path / "x.safetensors"
     guard = Guard([base, tuned], [tmp_path])
-    case = (lambda: extract_lora(base, tuned, 4, save_path=o), ["extract", base, tuned, "--dim", "4", "-o", o])
+    case = (lambda: extract_lora(base, tuned, 4, save_path=o), ["extract", base, tuned, "--rank", "4", "-o", o])
     refused_everywhere(case, [bad], rf"{re.escape(FF_KEY)}.* NaN", capsys, guard)
+
+
+def _base_holding(kit, tmp_path: Path, value: float) -> tuple[Path, Path]:
+    """The base checkpoint with `value` in one element of FF_KEY, and a LoRA on that layer only."""
+    tensors = safetensors.torch.load_file(str(kit.base))
+    tensors[FF_KEY][2, 3] = value
+    bad = tmp_path / "base_nonfinite.safetensors"
+    safetensors.torch.save_file(tensors, str(bad))
+    return bad, U.save(tmp_path / "ff.safetensors", U.lora_tensors([t for t in U.tiny_targets("sd15") if t.name == FF]))
 
 
 def test_inf_in_a_checkpoint_layer_merge(kit, tmp_path, capsys):
     """Named in the checkpoint (the input that holds it), not in the output being written."""
-    tensors = safetensors.torch.load_file(str(kit.base))
-    tensors[FF_KEY][0, 0] = float("inf")
-    bad = tmp_path / "base_inf.safetensors"
-    safetensors.torch.save_file(tensors, str(bad))
-    lora = U.save(tmp_path / "ff.safetensors", U.lora_tensors([t for t in U.tiny_targets("sd15") if t.name == FF]))
+    bad, lora = _base_holding(kit, tmp_path, float("inf"))
     o = tmp_path / "m.safetensors"
     guard = Guard([bad, lora], [tmp_path])
     case = (lambda: merge_lora(bad, lora, 1.0, o), ["merge", bad, lora, "-o", o])
@@ -453,20 +461,231 @@ def _not_plain(kind: str, tg) -> dict[str, torch.Tensor]:
 def test_dora_oft_ia3_refused(kit, tmp_path, capsys, kind, op):
     tg = [t for t in kit.targets if t.name == "lora_te_text_model_encoder_layers_0_mlp_fc1"]
     bad = U.save(tmp_path / f"{kind}.safetensors", U.lora_tensors(kit.targets[4:6]) | _not_plain(kind, tg))
-    out = tmp_path / "out"
-    out.mkdir()
-    guard = Guard([bad, kit.lora, kit.base], [tmp_path, out])
-    refused_everywhere(lora_ops(kit, bad, out)[op], [bad],
-                       rf"{kind} module {tg[0].name} is not a plain low-rank delta", capsys, guard)
+    lora_refused(kit, tmp_path, capsys, bad, op, rf"{kind} module {tg[0].name} is not a plain low-rank delta")
 
 
 @pytest.mark.parametrize("op", ["resize", "ortho"])
 def test_full_diff_where_a_low_rank_form_is_needed(kit, tmp_path, capsys, op):
     bad = U.save(tmp_path / "full.safetensors", U.full_tensors(kit.targets[:3]))
+    lora_refused(kit, tmp_path, capsys, bad, op, r"\(full\) has no exact low-rank form")
+
+
+# ---------------------------------------------------------------------------------------------
+# Malformed alpha; one layer under two key styles (one delta would be dropped)
+
+
+@pytest.mark.parametrize("op", ["inspect", "merge", "join", "resize"])
+@pytest.mark.parametrize("family,shape", [("lora", (0,)), ("lora", (3,)), ("lora", (1, 2)), ("loha", (3,)),
+                                          ("lokr", (0,))])
+def test_alpha_that_is_not_one_number(kit, tmp_path, capsys, family, shape, op):
+    tg = [t for t in kit.targets if t.name == "lora_te_text_model_encoder_layers_0_mlp_fc1"]
+    tensors = {"lora": U.lora_tensors, "loha": U.loha_tensors, "lokr": U.lokr_tensors}[family](tg)
+    tensors[f"{tg[0].name}.alpha"] = torch.ones(shape)
+    bad = U.save(tmp_path / f"alpha_{family}.safetensors", U.lora_tensors(kit.targets[4:6]) | tensors)
+    lora_refused(kit, tmp_path, capsys, bad, op,
+                 rf"module {tg[0].name}: alpha has shape {re.escape(str(list(shape)))}; it must be one number")
+
+
+def _two_styles(kind: str) -> tuple[dict[str, torch.Tensor], str]:
+    """A file holding one layer twice, and the refusal expected."""
+    ff = [t for t in U.tiny_targets("sd15") if t.name == FF]
+    kohya = U.lora_tensors(ff)
+    if kind in ("kohya+compvis", "kohya+peft"):
+        other = U.lora_tensors(ff, style=kind.split("+")[1], seed=3)
+        raw = next(iter(other)).rsplit(".lora_", 1)[0]
+        return kohya | other, rf"layer {FF} is in the file twice, as {FF} and {re.escape(raw)}: two key styles"
+    if kind == "te-alias":
+        te = [t for t in U.tiny_targets("sd15") if t.name == "lora_te_text_model_encoder_layers_0_mlp_fc1"]
+        short = {k.replace("_text_model_", "_", 1): v for k, v in U.lora_tensors(te, seed=3).items()}
+        return U.lora_tensors(te) | short, r"layer lora_te_text_model_encoder_layers_0_mlp_fc1 is in the file twice"
+    if kind == "down+lora_A":
+        extra = {f"{FF}.lora_A.weight": kohya[f"{FF}.lora_down.weight"] * 2}
+        return kohya | extra, rf"module {FF} has lora_down\.weight and lora_A\.weight: one factor under two key styles"
+    if kind == "lokr-w1+w1ab":
+        lokr = U.lokr_tensors(ff, variant="both")
+        lokr[f"{FF}.lokr_w1"] = lokr[f"{FF}.lokr_w1_a"] @ lokr[f"{FF}.lokr_w1_b"]
+        return lokr, rf"module {FF} has lokr_w1 and lokr_w1_a and lokr_w1_b: one factor under two key styles"
+    return kohya | U.loha_tensors(ff), rf"module {FF} holds lora tensors and also hada_w1_a, .*: two modules for one layer"
+
+
+TWO_STYLES = ["kohya+compvis", "kohya+peft", "te-alias", "down+lora_A", "lokr-w1+w1ab", "lora+loha"]
+
+
+@pytest.mark.parametrize("op", ["inspect", "merge", "join", "resize"])
+@pytest.mark.parametrize("kind", TWO_STYLES)
+def test_one_layer_under_two_key_styles(kit, tmp_path, capsys, kind, op):
+    tensors, problem = _two_styles(kind)
+    bad = U.save(tmp_path / "twice.safetensors", tensors)
+    lora_refused(kit, tmp_path, capsys, bad, op, problem)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decided from the header: a checkpoint read as a LoRA, crafted headers
+
+
+def test_checkpoint_read_as_a_lora_is_refused_from_its_header(kit, tmp_path, capsys, monkeypatch):
+    """No tensor of the checkpoint is read before the refusal: it costs the header, whatever the
+    file's size."""
     out = tmp_path / "out"
     out.mkdir()
-    guard = Guard([bad, kit.lora], [tmp_path, out])
-    refused_everywhere(lora_ops(kit, bad, out)[op], [bad], r"\(full\) has no exact low-rank form", capsys, guard)
+    reads = []
+    real_get = fileio.SafetensorsFile.get
+    monkeypatch.setattr(fileio.SafetensorsFile, "get",
+                        lambda self, key: reads.append((self.path, key)) or real_get(self, key))
+    with pytest.raises(OrthoLoraError) as err:
+        read_lora(kit.base)
+    assert reads == []
+    one_line(str(err.value), [kit.base], r"no LoRA modules found \(a checkpoint \(SD1\.x\), not a LoRA\)")
+    guard = Guard([kit.base, kit.lora], [tmp_path, out])
+    for op in ("inspect", "join", "diag"):
+        refused_everywhere(lora_ops(kit, kit.base, out)[op], [kit.base], r"no LoRA modules found", capsys, guard)
+    assert not [key for path, key in reads if path == kit.base]
+
+
+def _raw(path: Path, header: bytes, data: bytes = b"") -> Path:
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+    return path
+
+
+def _deep(levels: int, inner: bytes = b"1") -> bytes:
+    return b"[" * levels + inner + b"]" * levels
+
+
+def _crafted(kind: str, lora: Path) -> tuple[bytes, str]:
+    """A header (plus data) a crafted or broken file could carry, and the refusal expected."""
+    header, data = _header(lora.read_bytes())
+    name = next(k for k in header if k != "__metadata__")
+    if kind == "header-over-cap":  # valid JSON, padded past the cap
+        text = json.dumps(header).encode()
+        return text + b" " * (fileio.MAX_HEADER_BYTES + 1 - len(text)), r"header length 16777217 is over 16777216"
+    if kind == "deep-shape":
+        text = json.dumps(header).encode().replace(b'"shape": [', b'"shape": ' + b"[" * 100_000 + b"[", 1)
+        text = text.replace(b"], \"data_offsets\"", b"]" + b"]" * 100_000 + b', "data_offsets"', 1)
+        return text, r"bad safetensors header \(JSON nested deeper than 8 levels\)"
+    if kind == "deep-metadata":
+        header["__metadata__"] = {**header.get("__metadata__", {}), "x": "@deep@"}
+        text = json.dumps(header).encode()
+        return text.replace(b'"@deep@"', _deep(200_000)), r"bad safetensors header \(JSON nested deeper than 8 levels\)"
+    if kind == "deep-unclosed":
+        return b"{" * 1_000_000, r"bad safetensors header \(not valid JSON: unbalanced brackets or quotes\)"
+    if kind == "shape-overflow":
+        header[name] = {"dtype": "F32", "shape": [0, 2**62, 2**62], "data_offsets": [0, 0]}
+        return json.dumps(header).encode(), r"shape \[0, 4611686018427387904, 4611686018427387904\] is too large"
+    if kind == "many-tensors":
+        header |= {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(fileio.MAX_TENSORS)}
+        return json.dumps(header).encode(), r"bad safetensors header \(over 32768 tensors\)"
+    header[name]["shape"] = [2**40] * 2
+    return json.dumps(header).encode(), rf"tensor {re.escape(repr(name))}: .* is too large|data_offsets span"
+
+
+CRAFTED = ["header-over-cap", "deep-shape", "deep-metadata", "deep-unclosed", "shape-overflow", "shape-huge",
+           "many-tensors"]
+
+
+@pytest.mark.parametrize("op", ["inspect", "join", "resize"])
+@pytest.mark.parametrize("kind", CRAFTED)
+def test_crafted_header_lora(kit, tmp_path, capsys, kind, op):
+    header, problem = _crafted(kind, kit.lora)
+    bad = _raw(tmp_path / f"{kind}.safetensors", header, _header(kit.lora.read_bytes())[1])
+    lora_refused(kit, tmp_path, capsys, bad, op, problem)
+
+
+@pytest.mark.parametrize("op", CKPT_OPS)
+@pytest.mark.parametrize("kind", ["deep-metadata", "shape-overflow"])
+def test_crafted_header_checkpoint(kit, tmp_path, capsys, kind, op):
+    header, problem = _crafted(kind, Path(kit.base))
+    bad = _raw(tmp_path / f"{kind}.safetensors", header, _header(Path(kit.base).read_bytes())[1])
+    out = tmp_path / "out"
+    out.mkdir()
+    guard = Guard([bad, kit.lora, kit.tuned], [tmp_path, out])
+    refused_everywhere(ckpt_ops(kit, bad, out)[op], [bad], problem, capsys, guard)
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch files holding tensors that are not plain arrays
+
+
+def _odd_tensor(kind: str, t: torch.Tensor) -> torch.Tensor:
+    if kind == "sparse":
+        return t.to_sparse()
+    if kind == "expanded":  # stride 0: 1 stored value seen as the whole tensor
+        return torch.ones(1).expand(t.shape)
+    return t.to(torch.complex64)
+
+
+ODD = {"sparse": r"is sparse_coo, not a dense tensor", "expanded": r"repeats its stored values",
+       "complex": r"has dtype complex64, which cannot be read"}
+
+
+@pytest.mark.parametrize("kind", ODD)
+@pytest.mark.parametrize("op", ["inspect", "merge", "extract-base", "extract-tuned", "merge-ckpt", "resize-ckpt"])
+def test_torch_file_with_a_tensor_that_is_not_plain(kit, tmp_path, capsys, kind, op):
+    out = tmp_path / "out"
+    out.mkdir()
+    if op in ("inspect", "merge"):
+        tensors = U.lora_tensors(kit.targets)
+        key = next(k for k in tensors if k.endswith("lora_up.weight"))
+    else:
+        tensors = safetensors.torch.load_file(str(kit.base if op != "extract-tuned" else kit.tuned))
+        key = FF_KEY
+    tensors[key] = _odd_tensor(kind, tensors[key])
+    bad = tmp_path / f"{kind}.ckpt"
+    torch.save({"state_dict": tensors}, bad)
+    ops = lora_ops(kit, bad, out) | {"merge-ckpt": ckpt_ops(kit, bad, out)["merge"]} | ckpt_ops(kit, bad, out)
+    guard = Guard([bad, kit.lora, kit.base, kit.tuned], [tmp_path, out])
+    refused_everywhere(ops[op], [bad], rf"tensor {re.escape(repr(key))} {ODD[kind]}", capsys, guard)
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN in the base checkpoint of a resize
+
+
+@pytest.mark.parametrize("recipe", ["spn_ckpt=1,thr=-1", "subspace=1,thr=0"])
+def test_nan_in_the_base_checkpoint_resize(kit, tmp_path, capsys, recipe):
+    bad, lora = _base_holding(kit, tmp_path, float("nan"))
+    out = tmp_path / "out"
+    out.mkdir()
+    guard = Guard([bad, lora], [tmp_path, out])
+    case = (lambda: resize_files([lora], out, recipe, bad, cache_dir=tmp_path / "out" / "cache"),
+            ["resize", lora, "--ckpt", bad, "-o", out, "-r", recipe, "--cache-dir", out / "cache"])
+    refused_everywhere(case, [bad], rf"tensor {re.escape(repr(FF_KEY))} has 1 NaN and 0 Inf values", capsys, guard)
+
+
+# ---------------------------------------------------------------------------------------------
+# File names that are not UTF-8
+
+
+NOT_UTF8 = os.fsdecode(b"\xff\xfe-lora.safetensors")
+
+
+@pytest.mark.parametrize("op", ["inspect", "merge", "join", "resize"])
+def test_file_name_that_is_not_utf8(kit, tmp_path, capsys, op):
+    """The one line shows the name's bytes escaped (\\xff) and is valid UTF-8 (printable, JSON-able)."""
+    bad = tmp_path / NOT_UTF8
+    bad.write_bytes(b"junk")
+    out = tmp_path / "out"
+    out.mkdir()
+    guard = Guard([bad, kit.lora, kit.base], [tmp_path, out])
+    api, argv = lora_ops(kit, bad, out)[op]
+    shown = printable(str(bad))
+    assert "\\xff\\xfe-lora" in shown
+    line = api_refused(api, [shown], r"too short to be a safetensors file")
+    line.encode("utf-8")
+    guard.check()
+    cli_refused(argv, [shown], r"too short", capsys).encode("utf-8")
+    guard.check()
+
+
+def test_file_names_as_bytes_and_surrogate_escapes_are_read(kit, tmp_path):
+    good = tmp_path / NOT_UTF8
+    shutil.copy(kit.lora, good)
+    for name in (good, str(good), os.fsencode(good)):
+        assert read_lora(name).modules.keys() == read_lora(kit.lora).modules.keys()
+        with open_tensors(name) as f:
+            assert len(f) == len(safetensors.torch.load_file(str(kit.lora)))
+    with pytest.raises(OrthoLoraError) as err:
+        read_lora(os.fsencode(tmp_path / os.fsdecode(b"missing-\xff.safetensors")))
+    assert str(err.value).encode("utf-8") and "missing-\\xff" in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,7 +787,6 @@ def test_all_zero_layers_are_handled(kit, tmp_path):
     assert next(r for r in report.rows if r.module == name).status == "skipped"
     assert name not in read_lora(tmp_path / "mx.safetensors").modules
     report = resize_files([zero], tmp_path / "rs", "sv_fro=0.9")
-    assert not report.totals["failed"], report.warnings
     assert next(r for r in report.rows if r.module == name).status in ("zero", "dropped")
     for out in report.outputs:
         _finite_file(Path(out))
@@ -579,6 +797,7 @@ def test_all_zero_layers_are_handled(kit, tmp_path):
     merge_lora(kit.base, zero, 1.0, tmp_path / "m.safetensors")
 
 
+@pytest.mark.slow
 def test_all_zero_everything_leaves_nothing_to_write(kit, tmp_path, capsys):
     zero = _zero_lora(kit, tmp_path, all_zero=True)
     o = tmp_path / "mx.safetensors"
@@ -600,7 +819,7 @@ def output_ops(kit, out_file: Path, out_dir: Path, overwrite: bool = False) -> d
     o, ow, flag = out_file, overwrite, ["--overwrite"] if overwrite else []
     return {
         "extract": (lambda: extract_lora(kit.base, kit.tuned, 4, save_path=o, overwrite=ow),
-                    ["extract", kit.base, kit.tuned, "--dim", "4", "-o", o, *flag]),
+                    ["extract", kit.base, kit.tuned, "--rank", "4", "-o", o, *flag]),
         "merge": (lambda: merge_lora(kit.base, kit.lora, 1.0, o, overwrite=ow),
                   ["merge", kit.base, kit.lora, "-o", o, *flag]),
         "join": (lambda: join_loras([kit.lora, kit.lora2], o, overwrite=ow),
@@ -632,6 +851,182 @@ def test_output_that_exists_is_not_replaced(kit, tmp_path, capsys, op):
     out_dir, out_file, target, guard = _existing_output(kit, tmp_path, op, b"keep me")
     refused_everywhere(output_ops(kit, out_file, out_dir)[op], [target], r"exists", capsys, guard)
     assert target.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("op", ["extract", "merge", "join", "mix", "diag", "resize", "ortho"])
+def test_existing_output_is_refused_before_any_work(kit, tmp_path, op):
+    """One typed error (`OutputExists`), raised before the first step of work is reported."""
+    out_dir, out_file, target, _ = _existing_output(kit, tmp_path, op, b"keep me")
+
+    def no_work(done, total, what):
+        raise AssertionError(f"work started ({what}) before the existing output was refused")
+
+    o, d = out_file, out_dir
+    calls = {
+        "extract": lambda: extract_lora(kit.base, kit.tuned, 4, save_path=o, progress=no_work),
+        "merge": lambda: merge_lora(kit.base, kit.lora, 1.0, o, progress=no_work),
+        "join": lambda: join_loras([kit.lora, kit.lora2], o, progress=no_work),
+        "mix": lambda: mix_loras([kit.lora, kit.lora2], o, 4, progress=no_work),
+        "diag": lambda: bake_diag(kit.lora, "1,1,0,1", o, progress=no_work),
+        "resize": lambda: resize_files([kit.lora], d, "rank=2", progress=no_work),
+        "ortho": lambda: ortho_lora([kit.lora, kit.lora2], d, directions=1, residuals=False, progress=no_work),
+    }
+    with pytest.raises(OutputExists) as err:
+        calls[op]()
+    assert err.value.path == str(target) and target.read_bytes() == b"keep me"
+
+
+def _copy_inputs(kit, folder: Path) -> SimpleNamespace:
+    folder.mkdir()
+    names = ("base", "tuned", "lora", "lora2")
+    return SimpleNamespace(**{k: Path(shutil.copy(getattr(kit, k), folder)) for k in names})
+
+
+@pytest.mark.parametrize("kind", ["same-path", "hard-link", "symlink"])
+@pytest.mark.parametrize("op", ["extract", "merge", "join", "mix", "diag", "resize", "ortho"])
+def test_output_that_is_an_input_is_refused_even_with_overwrite(kit, tmp_path, capsys, op, kind):
+    """The output would replace an input (the same path, a hard link or a symlink to it): refused
+    before any work even with overwrite; every input byte-identical."""
+    d = tmp_path / "d"
+    k = _copy_inputs(kit, d)
+    victim = {"extract": "tuned", "merge": "base"}.get(op, "lora2")
+    target = {"resize": d / "good_rank2.safetensors", "ortho": d / "ortho_shared.safetensors"}.get(
+        op, d / "out.safetensors")
+    if kind == "same-path":
+        getattr(k, victim).rename(target)
+        setattr(k, victim, target)
+    elif kind == "hard-link":
+        os.link(getattr(k, victim), target)
+    else:
+        target.symlink_to(getattr(k, victim))
+    o, flag = d / "out.safetensors", "--overwrite"
+    cases = {
+        "extract": (lambda: extract_lora(k.base, k.tuned, 4, save_path=o, overwrite=True),
+                    ["extract", k.base, k.tuned, "--rank", "4", "-o", o, flag]),
+        "merge": (lambda: merge_lora(k.base, k.lora, 1.0, o, overwrite=True), ["merge", k.base, k.lora, "-o", o, flag]),
+        "join": (lambda: join_loras([k.lora, k.lora2], o, overwrite=True), ["join", k.lora, k.lora2, "-o", o, flag]),
+        "mix": (lambda: mix_loras([k.lora, k.lora2], o, 4, overwrite=True),
+                ["mix", k.lora, k.lora2, "--rank", "4", "-o", o, flag]),
+        "diag": (lambda: bake_diag(k.lora2, "1,1,0,1", o, overwrite=True), ["diag", k.lora2, "1,1,0,1", "-o", o, flag]),
+        "resize": (lambda: resize_files([k.lora, k.lora2], d, "rank=2", overwrite=True),
+                   ["resize", k.lora, k.lora2, "-o", d, "-r", "rank=2", flag]),
+        "ortho": (lambda: ortho_lora([k.lora, k.lora2], d, directions=1, residuals=False, overwrite=True),
+                  ["ortho", k.lora, k.lora2, "-o", d, "--directions", "1", "--no-residuals", flag]),
+    }
+    guard = Guard([k.base, k.tuned, k.lora, k.lora2, target], [d])
+    refused_everywhere(cases[op], [target], r"is also an input of this run", capsys, guard)
+
+
+def test_resize_inputs_sharing_a_stem_are_refused(kit, tmp_path, capsys):
+    """d1/x and d2/x would both write out/x_rank2: refused before any work (nothing written)."""
+    a, b, out = tmp_path / "d1", tmp_path / "d2", tmp_path / "out"
+    for folder in (a, b, out):
+        folder.mkdir()
+    x1, x2 = Path(shutil.copy(kit.lora, a / "x.safetensors")), Path(shutil.copy(kit.lora2, b / "x.safetensors"))
+    case = (lambda: resize_files([x1, x2], out, "rank=2"), ["resize", x1, x2, "-o", out, "-r", "rank=2"])
+    refused_everywhere(case, [out / "x_rank2.safetensors"], r"two outputs of this run", capsys,
+                       Guard([x1, x2], [out]))
+
+
+def test_multi_file_runs_are_all_or_nothing(kit, tmp_path, capsys, monkeypatch):
+    """resize with a good file then a bad one, ortho whose second write fails: no output at all."""
+    out = tmp_path / "out"
+    out.mkdir()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"")
+    guard = Guard([kit.lora, bad], [out])
+    case = (lambda: resize_files([kit.lora, bad], out, "rank=2"), ["resize", kit.lora, bad, "-o", out, "-r", "rank=2"])
+    refused_everywhere(case, [bad], r"too short", capsys, guard)
+
+    from lib_ortholora import ortho
+    real, calls = ortho.write_lora, []
+
+    def second_fails(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OrthoLoraError("cannot write: No space left on device", path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ortho, "write_lora", second_fails)
+    with pytest.raises(OrthoLoraError, match="No space left"):
+        ortho_lora([kit.lora, kit.lora2], out, directions=2, residuals=False)
+    assert len(calls) == 2
+    guard.check()
+
+
+def test_cli_output_names_are_the_users_own(kit, tmp_path, capsys):
+    """'..' and ':' are fine in names given on the command line (only UI names are restricted)."""
+    out = tmp_path / "out"
+    lora = Path(shutil.copy(kit.lora, tmp_path / "v1..final:b.safetensors"))
+    assert main(["resize", str(lora), "-o", str(out), "-r", "rank=2", "--quiet"]) == 0
+    assert main(["ortho", str(lora), str(kit.lora2), "-o", str(out), "--prefix", "a..b:c", "--directions", "1",
+                 "--no-residuals", "--quiet"]) == 0
+    assert sorted(os.listdir(out)) == ["a..b:c_shared.safetensors", "v1..final:b_rank2.safetensors"]
+
+
+def test_output_must_be_safetensors(kit, tmp_path, capsys):
+    """`-o x.ckpt` would hold safetensors bytes that no tool reads as a .ckpt: refused."""
+    o = tmp_path / "x.ckpt"
+    case = (lambda: join_loras([kit.lora, kit.lora2], o), ["join", kit.lora, kit.lora2, "-o", o])
+    refused_everywhere(case, [o], r"must be a \.safetensors file", capsys, Guard([kit.lora], [tmp_path]))
+
+
+def test_overwrite_keeps_the_permissions(kit, tmp_path):
+    o = tmp_path / "j.safetensors"
+    o.write_bytes(b"old")
+    os.chmod(o, 0o600)
+    join_loras([kit.lora, kit.lora2], o, overwrite=True)
+    assert read_lora(o).modules and (o.stat().st_mode & 0o777) == 0o600
+
+
+def test_a_run_that_writes_nothing_fails(kit, tmp_path, capsys):
+    """A recipe that keeps no direction: one line saying nothing was written, exit 2."""
+    out = tmp_path / "out"
+    out.mkdir()
+    case = (lambda: resize_files([kit.lora], out, "spn_lora=1,thr=1"),
+            ["resize", kit.lora, "-o", out, "-r", "spn_lora=1,thr=1"])
+    refused_everywhere(case, [out / "good_spnlora1_thr1.safetensors"], r"nothing was written", capsys,
+                       Guard([kit.lora], [out]))
+
+
+def test_demo_and_bench_never_replace_files_unasked(tmp_path, capsys):
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "demo_lora.safetensors").write_bytes(b"mine")
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "sd15_extract_r32.safetensors").write_bytes(b"mine too")
+    guard = Guard([demo / "demo_lora.safetensors", bench / "sd15_extract_r32.safetensors"], [demo, bench])
+    cli_refused(["demo", "-o", demo], [demo / "demo_lora.safetensors"], r"exists; pass --overwrite", capsys)
+    cli_refused(["bench", "extract", "--small", "--workdir", bench], [bench], r"pass --overwrite", capsys)
+    guard.check()
+
+
+def test_an_error_starts_its_own_line_after_a_progress_bar(kit, tmp_path, capsys, monkeypatch):
+    """The bar's line is ended before the error is printed."""
+    import sys
+
+    from lib_ortholora import cli
+    from lib_ortholora.progress import TextBar
+
+    class EveryStep(TextBar):  # draws every step, to the captured stderr
+        def __init__(self, label):
+            super().__init__(label, stream=sys.stderr)
+
+        def __call__(self, done, total, what):
+            self._last = float("-inf")
+            super().__call__(done, total, what)
+
+    monkeypatch.setattr(cli, "TextBar", EveryStep)
+    tensors = safetensors.torch.load_file(str(kit.tuned))
+    tensors[FF_KEY][0, 0] = float("nan")
+    tuned = tmp_path / "nan.safetensors"
+    safetensors.torch.save_file(tensors, str(tuned))
+    capsys.readouterr()
+    assert main(["extract", str(kit.base), str(tuned), "--rank", "4", "-o", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    lines = [line.split("\r")[-1] for line in err.split("\n")]
+    assert any(line.startswith("error: ") and "NaN" in line for line in lines), err
 
 
 @pytest.mark.parametrize("name", ["../escape", "/tmp/abs", "sub/x", "..\\x", ".hidden", "a:b", "x\ty", ""])

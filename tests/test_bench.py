@@ -50,7 +50,7 @@ def test_a_small_benchmark_runs_cold_warm_and_in_process_beside_its_baseline(sma
     for run in runs:
         assert "error" not in run
         assert {"wall_s", "user_s", "sys_s", "minor_faults", "peak_rss_mb", "load_before", "load_after"} <= set(run)
-    assert f["command"].startswith("python -m lib_ortholora extract ") and "--dim 32" in f["command"]
+    assert f["command"].startswith("python -m lib_ortholora extract ") and "--rank 32" in f["command"]
     assert f["baseline"]["input_mb"] > 10 and f["baseline"]["output_mb"] > 1
     assert f["in_process"]["modules"] == 264 and f["in_process"]["sampled_layers"] == 12
     if f["baseline"]["warm_s"] > 0:

@@ -204,6 +204,7 @@ def page(tmp_path):
         _stop(proc)
 
 
+@pytest.mark.slow
 def test_extract_in_the_browser(server, page, tmp_path):
     url, models = server
     page.send("Page.navigate", url=url)

@@ -1,4 +1,4 @@
-"""lib_ortholora.diag: spec parser, join metadata, diag vectors, up-column scaling."""
+"""lib_ortholora.diag (spec parser, diag vectors, up-column scaling) and lib_ortholora.joinmeta (join metadata)."""
 from __future__ import annotations
 
 import json
@@ -8,18 +8,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lib_ortholora.diag import (
-    MAX_DIAG_LENGTH,
-    DiagSpec,
-    JoinInfo,
-    JoinSource,
-    apply_diag_to_up,
-    diag_vector,
-    join_info_from_metadata,
-    make_join_metadata,
-    parse_diag,
-    safe_source_name,
-)
+from lib_ortholora.diag import MAX_DIAG_LENGTH, DiagSpec, apply_diag_to_up, diag_vector, layout_vectors, parse_diag
+from lib_ortholora.joinmeta import JoinInfo, JoinSource, SliceIndex, join_info_from_metadata, make_join_metadata
+from lib_ortholora.joinmeta import safe_source_name
 from lib_ortholora.errors import OrthoLoraError
 
 # --------------------------------------------------------------------------- parse_diag
@@ -191,10 +182,39 @@ def test_diag_vector_per_rank():
     v = diag_vector(parse_diag("1*4,0,0.5"), info, "lora_unet_a")
     assert v.dtype == torch.float32
     assert v.tolist() == [1, 1, 1, 1, 0, 0.5]
-    with pytest.raises(OrthoLoraError, match=r"lora_te_b.*rank 2"):
-        diag_vector(parse_diag("1*4,0,0.5"), info, "lora_te_b")
     with pytest.raises(OrthoLoraError, match="lora_unet_zzz"):
         diag_vector(parse_diag("1"), info, "lora_unet_zzz")
+
+
+def test_diag_vector_per_rank_on_varying_ranks():
+    """Ranks a 4+2, te_b 0+2, c 3+0 (full ranks 4+2): a 6-value v reads as a block per source."""
+    info = _info()
+    assert info.full_ranks == (4, 2)
+    spec = parse_diag("1*4,0,0.5")
+    assert diag_vector(spec, info, "lora_te_b").tolist() == [0, 0.5]  # lacks disney: krk's block
+    assert diag_vector(spec, info, "lora_unet_c").tolist() == [1, 1, 1]  # 3 of disney's 4, block constant
+    with pytest.raises(OrthoLoraError, match=r"lora_unet_c has 3 of source disney's 4 ranks") as e:
+        diag_vector(parse_diag("1,0,1,1,0,0.5"), info, "lora_unet_c")
+    assert "\n" not in str(e.value)
+    assert diag_vector(parse_diag("2,3"), info, "lora_te_b").tolist() == [2, 3]  # the module's own rank
+    with pytest.raises(OrthoLoraError, match=r"lora_unet_a has rank 6 \(4\+2\).*full ranks 4\+2 = 6"):
+        diag_vector(parse_diag("2,3"), info, "lora_unet_a")
+
+
+def test_slice_index_one_vector_per_layout():
+    ranks = {"lora_unet_a": [4, 2], "lora_te_b": [0, 2], "lora_unet_c": [3, 0], "lora_unet_d": [4, 2]}
+    info = join_info_from_metadata({"ortholora_join": make_join_metadata(SOURCES, ranks)})
+    index = SliceIndex.of(info, ["lora_unet_a", "lora_te_b", "lora_unet_d"])
+    assert index.groups == (((4, 2), ("lora_unet_a", "lora_unet_d")), ((0, 2), ("lora_te_b",)))
+    vs = layout_vectors(parse_diag("krk@0.5"), index)
+    assert [v.tolist() for v in vs] == [[1, 1, 1, 1, 0.5, 0.5], [0.5, 0.5]]
+    for (_, names), v in zip(index.groups, vs):
+        for name in names:
+            assert torch.equal(diag_vector(parse_diag("krk@0.5"), info, name), v)
+    with pytest.raises(OrthoLoraError, match="lora_unet_zzz"):
+        SliceIndex.of(info, ["lora_unet_zzz"])
+    with pytest.raises(OrthoLoraError, match="pixar"):
+        layout_vectors(parse_diag("pixar@0"), index)
 
 
 def test_diag_vector_per_slice():

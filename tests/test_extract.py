@@ -25,11 +25,12 @@ def _layers(base_path, tuned_path):
             yield tg, b.get(tg.ckpt_key)[rows].float(), t.get(tg.ckpt_key)[rows].float()
 
 
-@pytest.mark.parametrize("arch_id", ["sd15", "sd2", "sdxl"])
+@pytest.mark.parametrize("arch_id", ["sd15", pytest.param("sd2", marks=pytest.mark.slow),
+                                     pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_base_plus_lora_reconstructs_tuned(pairs, tmp_path, arch_id):
     base, tuned = pairs(arch_id)
     out = tmp_path / "x.safetensors"
-    report = extract_lora(base, tuned, 8, min_dim=1, max_dim=None, save_path=out, dtype=torch.float32)
+    report = extract_lora(base, tuned, 8, min_rank=1, max_rank=None, save_path=out, dtype=torch.float32)
     lora = read_lora(out)
     assert lora.arch == arch_id and not lora.unknown
     assert report.totals["modules"] == len(lora.modules) == len(targets(_arch.Arch(arch_id), _arch.spec(arch_id, 16)))
@@ -38,6 +39,7 @@ def test_base_plus_lora_reconstructs_tuned(pairs, tmp_path, arch_id):
         assert rel_error(merged - w0, w1 - w0) < 1e-3, tg.name
 
 
+@pytest.mark.slow
 def test_error_within_one_percent_of_exact_svd(pairs, tmp_path):
     base, tuned = pairs("sd15", noise=0.3)
     out = tmp_path / "x.safetensors"
@@ -55,20 +57,22 @@ def test_error_within_one_percent_of_exact_svd(pairs, tmp_path):
     assert checked == 350
 
 
+@pytest.mark.slow
 def test_ranks_follow_policy_and_conv_policy(pairs, tmp_path):
     base, tuned = pairs("sd15")
-    report = extract_lora(base, tuned, 4, min_dim=1, max_dim=None, conv_dim=2, save_path=tmp_path / "a.safetensors")
+    report = extract_lora(base, tuned, 4, min_rank=1, max_rank=None, conv_rank=2, save_path=tmp_path / "a.safetensors")
     by_name = {r.module: r for r in report.rows}
     assert by_name["lora_unet_down_blocks_0_resnets_0_conv1"].rank == 2  # 3×3 conv
     assert by_name["lora_unet_down_blocks_0_resnets_0_time_emb_proj"].rank == 4  # linear in a resnet
     assert by_name["lora_unet_down_blocks_0_attentions_0_proj_in"].rank == 4  # 1×1 conv
-    report = extract_lora(base, tuned, 4, min_dim=1, max_dim=None, conv=False, save_path=tmp_path / "b.safetensors")
+    report = extract_lora(base, tuned, 4, min_rank=1, max_rank=None, conv=False, save_path=tmp_path / "b.safetensors")
     assert report.totals["modules"] == 72 + 192
     lora = read_lora(tmp_path / "a.safetensors")
     assert lora.modules["lora_unet_down_blocks_0_resnets_0_conv1"].down.shape[1:] == (20, 3, 3)
     assert lora.modules["lora_unet_down_blocks_0_resnets_0_conv1"].up.shape[2:] == (1, 1)
 
 
+@pytest.mark.slow
 def test_sv_ratio_policy_finds_true_rank(pairs, tmp_path):
     base, tuned = pairs("sd15")  # exact rank-8 deltas with σ_i ∝ 0.8^i
     report = extract_lora(base, tuned, "sv_ratio=1000", save_path=tmp_path / "x.safetensors", conv=False)
@@ -76,6 +80,7 @@ def test_sv_ratio_policy_finds_true_rank(pairs, tmp_path):
     assert ranks == {8}
 
 
+@pytest.mark.slow
 def test_unchanged_text_encoder_is_reported(tmp_path):
     base, tuned = write_pair("sd15", tmp_path, dtype=torch.float32, deltas=DeltaSpec(text_rel=0.0, conv=False))
     report = extract_lora(base, tuned, 4, save_path=tmp_path / "x.safetensors")
@@ -91,6 +96,7 @@ def test_known_delta_is_what_synth_says(pairs):
         assert torch.allclose(w1 - w0, delta(tg, 0, DeltaSpec(noise=0.0)), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ckpt_inputs(pairs, tmp_path):
     base, tuned = pairs("sd15")
     paths = []
@@ -119,6 +125,7 @@ def test_malicious_ckpt_refused(pairs, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_mismatched_architectures(pairs, tmp_path):
     with pytest.raises(OrthoLoraError, match="SD1.x.*SDXL|SDXL.*SD1.x"):
         extract_lora(pairs("sd15")[0], pairs("sdxl")[1], 4, save_path=tmp_path / "x.safetensors")
@@ -135,6 +142,7 @@ def test_refuses_to_overwrite(pairs, tmp_path):
     assert read_lora(out).arch == "sd15"
 
 
+@pytest.mark.slow
 def test_demo_cli(tmp_path, capsys):
     from lib_ortholora.cli import main
     assert main(["demo", "-o", str(tmp_path), "--quiet"]) == 0

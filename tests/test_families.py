@@ -9,8 +9,8 @@ import torch
 
 import lorautil as U
 from lib_ortholora.errors import OrthoLoraError
-from lib_ortholora.join import exact_lowrank
 from lib_ortholora.lorafile import read_lora
+from lib_ortholora.sources import exact_lowrank
 
 META = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 

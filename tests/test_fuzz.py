@@ -12,6 +12,7 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import safetensors.torch
@@ -20,9 +21,11 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
+from lib_ortholora import fileio
 from lib_ortholora.diag import parse_diag
 from lib_ortholora.errors import OrthoLoraError
-from lib_ortholora.fileio import SAFETENSORS_DTYPES, open_tensors
+from lib_ortholora.fileio import (MAX_HEADER_BYTES, MAX_JSON_DEPTH, SAFETENSORS_DTYPES, JsonOutline,
+                                  json_outline, open_tensors)
 from lib_ortholora.inspect import inspect_lora
 from lib_ortholora.lorafile import read_lora
 from lib_ortholora.rank import RankPolicy, parse_policy
@@ -72,11 +75,14 @@ ENTRY = st.one_of(
 
 @st.composite
 def consistent_entries(draw):
-    """Mostly-valid tensors laid out back to back (so fuzzing reaches the data reads)."""
+    """Mostly-valid tensors laid out back to back (so fuzzing reaches the data reads); some empty
+    ones with dimensions near the int64 limit."""
     out, offset = {}, 0
     for i in range(draw(st.integers(0, 4))):
         name = draw(st.sampled_from(sorted(SAFETENSORS_DTYPES)))
         shape = draw(st.lists(st.integers(0, 4), max_size=3))
+        if draw(st.integers(0, 5)) == 0:  # empty, but with huge dimensions
+            shape = [0] + draw(st.lists(st.sampled_from([2**31, 2**62, 2**63 - 1, 2**64]), min_size=1, max_size=3))
         size = math.prod(shape) * SAFETENSORS_DTYPES[name].itemsize
         out[f"t{i}"] = {"dtype": name, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
@@ -85,9 +91,24 @@ def consistent_entries(draw):
 
 @st.composite
 def safetensors_blobs(draw):
-    kind = draw(st.sampled_from(["raw", "random-header", "consistent", "consistent-bent"]))
+    kind = draw(st.sampled_from(["raw", "random-header", "consistent", "consistent-bent", "deep"]))
     if kind == "raw":
         return draw(st.binary(max_size=200))
+    if kind == "deep":  # nesting around the cap, in an entry, in the metadata or at the root
+        header, size = draw(consistent_entries())
+        levels, dict_kind = draw(st.integers(0, 3 * MAX_JSON_DEPTH) | st.just(100_000)), draw(st.booleans())
+        opening, closing = (b'{"k":', b"}") if dict_kind else (b"[", b"]")
+        where = draw(st.sampled_from(["metadata", "shape", "root", "extra"]))
+        if where == "metadata":
+            header["__metadata__"] = {"x": "@deep@"}
+        elif where == "root" or not header:
+            header = "@deep@"
+        else:
+            header[next(iter(header))]["shape" if where == "shape" else "x"] = "@deep@"
+        text = json.dumps(header).encode().replace(b'"@deep@"', opening * levels + b"1" + closing * levels)
+        if not draw(st.integers(0, 3)):
+            text = text[: draw(st.integers(0, len(text)))]  # cut: unbalanced
+        return len(text).to_bytes(8, "little") + text + bytes(size)
     if kind == "random-header":
         header = draw(st.dictionaries(st.text(max_size=6), ENTRY, max_size=4) | JSON)
         data = draw(st.binary(max_size=64))
@@ -99,7 +120,8 @@ def safetensors_blobs(draw):
             header["__metadata__"] = draw(st.dictionaries(st.text(max_size=4), st.text(max_size=4) | JSON,
                                                           max_size=3))
     text = json.dumps(header).encode()
-    length = len(text) if draw(st.integers(0, 5)) else draw(st.integers(0, 2**64 - 1))
+    length = len(text) if draw(st.integers(0, 5)) else draw(
+        st.integers(0, 2**64 - 1) | st.sampled_from([MAX_HEADER_BYTES, MAX_HEADER_BYTES + 1]))
     blob = length.to_bytes(8, "little") + text + data
     if kind == "consistent-bent" and blob and draw(st.booleans()):  # flip one byte anywhere
         i = draw(st.integers(0, len(blob) - 1))
@@ -123,6 +145,42 @@ def test_tensor_file_reader_never_raises_anything_else(blob, suffix):
     metadata = only_ortholora_errors(read)
     if metadata is not None:
         assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+
+
+def depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(depth, value), default=0)
+    return 0
+
+
+def objects(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + sum(map(objects, value.values()))
+    return sum(map(objects, value)) if isinstance(value, list) else 0
+
+
+TRICKY_TEXT = st.text(st.sampled_from('[]{}"\\/ax\u00e9\U0001f600'), max_size=8)
+DEEP_JSON = st.recursive(st.none() | st.integers() | TRICKY_TEXT,
+                         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TRICKY_TEXT, inner, max_size=3),
+                         max_leaves=30)
+
+
+@BUDGET
+@given(value=DEEP_JSON, ascii_only=st.booleans(), step=st.sampled_from([1, 2, 7, 1 << 20]))
+def test_json_outline_is_what_json_parses(value, ascii_only, step):
+    """Brackets inside strings (escaped quotes and backslashes included) do not count: the outline
+    is exactly the parsed value's, for any JSON text, however it is cut into steps."""
+    text = json.dumps(value, ensure_ascii=ascii_only).encode()
+    with patch.object(fileio, "_OUTLINE_STEP", step):
+        assert json_outline(text) == JsonOutline(True, depth(value), objects(value))
+
+
+@pytest.mark.parametrize("text", [b"[" * 10, b"]", b"{}}", b'["]"', b'"\\"]', b'["\\"]', b"}{", b"[" * 10**6,
+                                  b'"' + b'\\"' * 10**6])  # linear: a regex scan of this took hours
+def test_json_outline_unbalanced(text):
+    assert not json_outline(text).balanced
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,4 +339,6 @@ def test_rank_policy_parser_never_raises_anything_else(text):
 @pytest.mark.parametrize("parser", [parse_recipes, parse_diag, parse_policy])
 @pytest.mark.parametrize("value", [None, 3, b"1", ["1"], "\x00", "\ud800", "1" * 200_000])
 def test_parsers_refuse_odd_values(parser, value):
-    only_ortholora_errors(lambda: parser(value))
+    with pytest.raises(OrthoLoraError) as refused:
+        parser(value)
+    assert "\n" not in str(refused.value)

@@ -5,10 +5,11 @@ import json
 import math
 
 import pytest
+import torch
 
 import lorautil as U
 from lib_ortholora.cli import main
-from lib_ortholora.inspect import block_energy, inspect_lora
+from lib_ortholora.inspect import block_energy, inspect_lora, module_spectrum
 from lib_ortholora.keys import name_table
 from lib_ortholora.lorafile import read_lora
 
@@ -71,3 +72,16 @@ def test_cli_inspect_json(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     text = capsys.readouterr().out
     assert "architecture: SD1.x" in text and "block_energy" in text
+
+
+@pytest.mark.parametrize("make", [U.lora_tensors, U.loha_tensors, U.full_tensors])
+def test_module_spectrum_is_the_singular_values_of_the_delta(tmp_path, make):
+    """From the factors where there is an exact low-rank form, else from dW: the same numbers."""
+    lf = read_lora(U.save(tmp_path / "l.safetensors", make(U.sample_targets("sd15"))))
+    for name, module in lf.modules.items():
+        got = module_spectrum(module)
+        want = torch.linalg.svdvals(module.delta().double().reshape(module.shape[0], -1))
+        assert got.dtype == torch.float64 and torch.all(got[:-1] >= got[1:]), name
+        n = min(len(got), len(want))
+        assert torch.allclose(got[:n], want[:n], rtol=1e-4, atol=1e-6 * float(want[0])), name
+        assert all(float(x) <= 1e-5 * float(want[0]) for x in got[n:]), name

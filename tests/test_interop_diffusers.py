@@ -1,12 +1,13 @@
-"""A real consumer loads what we write: diffusers (from PyPI, no network) reads a LoRA this project
-extracted from SD1.5-layout checkpoints into a tiny SD1.5 UNet + CLIP text encoder, and the fused
-model equals diffusers' own conversion of the tuned checkpoint.
+"""A real consumer loads what we write: diffusers (from PyPI, no network) reads LoRAs this project
+wrote into tiny SD1.5 / SD2 / SDXL UNets and text encoders (the real module names), and each fused
+weight must change by exactly the delta the file claims.
 
-The check never uses this project's key map: the base and tuned LDM checkpoints (arch.spec
-shapes, widths / 16) are converted to diffusers weights by diffusers' single-file converter, so
-"base + our LoRA, as diffusers loads it" must equal "tuned, as diffusers converts it" on every
-weight of both models — changed exactly where the tuned checkpoint differs, by exactly that delta
-(fp32 tolerance), and bit-identical everywhere else."""
+Two references, neither using this project's kohya → diffusers naming:
+- extraction (SD1.5): base and tuned LDM checkpoints converted by diffusers' single-file converter:
+  "base + our LoRA, as diffusers loads it" must equal "tuned, as diffusers converts it";
+- any file (`interop_util.DiffusersCheck`): the LDM checkpoint with the file merged by `merge`, then
+  converted by diffusers. Ranks vary from module to module (diffusers keeps one alpha per component,
+  so a per-module alpha would be dropped for UNet attention and CLIP layers: `lorafile.file_alpha`)."""
 from __future__ import annotations
 
 import math
@@ -26,6 +27,7 @@ from lib_ortholora.lorafile import read_lora, write_lora  # noqa: E402
 import interop_util as IU  # noqa: E402
 
 RANK = 6
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 
 
 def _changed_targets():
@@ -65,21 +67,29 @@ def extracted(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def expected(extracted):
-    """diffusers' conversion of base and tuned: {"unet/…"/"te/…": tensor} each."""
-    unet, te = IU.tiny_unet(), IU.tiny_te()
-    IU.load_checkpoint(unet, te, extracted["base"])
-    base = IU.snapshot(unet, te)
-    IU.load_checkpoint(unet, te, extracted["tuned"])
-    tuned = IU.snapshot(unet, te)
+def sd15():
+    return IU.DiffusersCheck("sd15")
+
+
+@pytest.fixture(scope="module")
+def expected(extracted, sd15):
+    """diffusers' conversion of base and tuned: {"unet/…"/"text_encoder/…": tensor} each."""
+    models = sd15.models
+    IU.load_checkpoint("sd15", models, extracted["base"])
+    base = IU.snapshot(models)
+    IU.load_checkpoint("sd15", models, extracted["tuned"])
+    tuned = IU.snapshot(models)
+    IU.reset(models, sd15.base)
     return base, tuned
 
 
-def _fused(extracted, which: str, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    unet, te = IU.tiny_unet(seed=1), IU.tiny_te(seed=1)
-    IU.load_checkpoint(unet, te, extracted["base"])
-    IU.diffusers_apply(unet, te, extracted["paths"][which], scale)
-    return IU.snapshot(unet, te)
+def _fused(sd15, extracted, path, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    models = sd15.models
+    IU.load_checkpoint("sd15", models, extracted["base"])
+    IU.diffusers_apply("sd15", models, path, scale)
+    out = IU.snapshot(models)
+    IU.reset(models, sd15.base)
+    return out
 
 
 def test_extract_report_skips_exactly_the_unchanged_layers(extracted):
@@ -102,9 +112,9 @@ def test_diffusers_conversion_covers_the_whole_checkpoint(expected, extracted):
 
 
 @pytest.mark.parametrize("which,rtol", [("lora32", 2e-5), ("lora16", 2e-3)])
-def test_diffusers_fuses_exactly_the_extracted_delta(extracted, expected, which, rtol):
+def test_diffusers_fuses_exactly_the_extracted_delta(sd15, extracted, expected, which, rtol):
     base, tuned = expected
-    fused = _fused(extracted, which)
+    fused = _fused(sd15, extracted, extracted["paths"][which])
     assert fused.keys() == base.keys()
     should = {k for k in base if not torch.equal(base[k], tuned[k])}
     did = {k for k in base if not torch.equal(base[k], fused[k])}
@@ -116,10 +126,10 @@ def test_diffusers_fuses_exactly_the_extracted_delta(extracted, expected, which,
     assert worst < rtol, f"largest relative error of a fused delta: {worst:.3g}"
 
 
-def test_diffusers_lora_scale_is_linear(extracted, expected):
+def test_diffusers_lora_scale_is_linear(sd15, extracted, expected):
     """A multiplier scales every delta (diffusers' lora_scale is kohya's multiplier)."""
     base, tuned = expected
-    fused = _fused(extracted, "lora32", scale=-0.5)
+    fused = _fused(sd15, extracted, extracted["paths"]["lora32"], scale=-0.5)
     for k in base:
         want = -0.5 * (tuned[k] - base[k])
         got = fused[k] - base[k]
@@ -129,22 +139,47 @@ def test_diffusers_lora_scale_is_linear(extracted, expected):
             assert float((got - want).norm() / want.norm()) < 2e-5, k
 
 
-def test_diffusers_loads_a_signed_join(extracted, expected, tmp_path):
-    """An exact join (alpha = Σr, signed ratios folded into the factors, `ortholora_join` metadata)
-    is an ordinary LoRA to diffusers: 0.5·dW − 1.5·dW fuses as −dW."""
+def test_diffusers_loads_a_signed_join(sd15, extracted, expected, tmp_path):
+    """An exact join (signed ratios folded into the factors, `ortholora_join` metadata) is an
+    ordinary LoRA to diffusers: 0.5·dW − 1.5·dW fuses as −dW."""
     from lib_ortholora.join import join_loras
 
     lora = extracted["paths"]["lora32"]
     joined = tmp_path / "joined.safetensors"
     join_loras([lora, lora], joined, [0.5, -1.5], names=["a", "b"], dtype=torch.float32)
     base, tuned = expected
-    unet, te = IU.tiny_unet(seed=2), IU.tiny_te(seed=2)
-    IU.load_checkpoint(unet, te, extracted["base"])
-    IU.diffusers_apply(unet, te, joined)
-    fused = IU.snapshot(unet, te)
+    fused = _fused(sd15, extracted, joined)
     for k in base:
         want = base[k] - tuned[k]
         if not want.any():
             assert torch.equal(fused[k], base[k]), k
         else:
             assert float((fused[k] - base[k] - want).norm() / want.norm()) < 2e-5, k
+
+
+# --------------------------------------------------------------------------------------------
+# Ranks that vary from module to module, every architecture, text encoders included
+
+@pytest.fixture(scope="module", params=["sd15", "sd2", "sdxl"])
+def checker(request):
+    return IU.DiffusersCheck(request.param)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_varying_ranks_load_at_the_right_strength(checker, tmp_path, dtype):
+    """Every module of a file whose ranks vary (UNet attention and text encoders included) is fused
+    by diffusers at exactly its own strength (before: ×0.5 … ×0.38 on the alpha exceptions)."""
+    lowranks = IU.varying_rank_lowranks(checker.arch)
+    path = tmp_path / f"{checker.arch}.safetensors"
+    write_lora(path, lowranks, checker.arch, dtype)
+    errs = checker.errors(path)
+    assert len(errs) == len(lowranks)  # one weight per module, nothing else
+    assert max(errs.values()) < TOL[dtype], IU.strength_summary(errs, TOL[dtype])
+
+
+def test_varying_ranks_with_a_multiplier(checker, tmp_path):
+    """diffusers' lora_scale multiplies every module of a varying-rank file alike."""
+    path = tmp_path / f"{checker.arch}.safetensors"
+    write_lora(path, IU.varying_rank_lowranks(checker.arch, seed=1), checker.arch, torch.float32)
+    errs = checker.errors(path, scale=-0.75)
+    assert max(errs.values()) < TOL[torch.float32], IU.strength_summary(errs, TOL[torch.float32])

@@ -10,13 +10,14 @@ import torch
 
 import lorautil as U
 from lib_ortholora.cli import main
-from lib_ortholora.diag import META_KEY, join_info_from_metadata
+from lib_ortholora.diag import apply_diag, bake_diag
 from lib_ortholora.errors import OrthoLoraError
-from lib_ortholora.join import apply_diag, bake_diag, exact_lowrank, join_loras, join_lowranks
-from lib_ortholora.keys import name_table
+from lib_ortholora.join import join_loras, join_lowranks
+from lib_ortholora.joinmeta import META_KEY, join_info_from_metadata
 from lib_ortholora.lorafile import read_lora
 from lib_ortholora.lowrank import LowRank
 from lib_ortholora.mix import mix_loras
+from lib_ortholora.sources import exact_lowrank
 
 F32 = torch.float32
 
@@ -24,8 +25,7 @@ F32 = torch.float32
 def deltas(path) -> dict[str, torch.Tensor]:
     """Every module's dW in its layer's shape (kohya-native names)."""
     lf = read_lora(path)
-    table = name_table(lf.arch)  # the tiny spec's shapes
-    return {n: m.delta().reshape(table[n].shape) for n, m in lf.modules.items()}
+    return {n: m.delta().reshape(m.shape) for n, m in lf.modules.items()}
 
 
 def weighted_sum(parts: list[dict[str, torch.Tensor]], ratios: list[float]) -> dict[str, torch.Tensor]:
@@ -77,8 +77,10 @@ def test_join_is_exact_and_records_slices(tmp_path, sources):
     assert info.names == ("disney", "krk", "kron")
     assert [s.ratio for s in info.sources] == ratios and info.sources[1].file == "krk.safetensors"
     inputs = [read_lora(p) for p in sources]
-    for name, module in read_lora(out).modules.items():  # a plain kohya LoRA with scale 1
-        assert module.family == "lora" and module.alpha == module.rank == info.total_rank(name)
+    joined = read_lora(out)
+    assert len({m.alpha for m in joined.modules.values()}) == 1  # a plain kohya LoRA, one alpha
+    for name, module in joined.modules.items():
+        assert module.family == "lora" and module.rank == info.total_rank(name)
         want = [exact_lowrank(lf.modules[name]).rank if name in lf.modules else 0
                 for lf in inputs]
         assert list(info.module_ranks(name)) == want
@@ -110,7 +112,7 @@ def test_diag_all_ones_equals_the_sum_and_keep_zero_keeps_rank(tmp_path, sources
     join_loras(sources, joined, [1.0, 0.5, 2.0], dtype=F32)
     bake_diag(joined, "disney=1,krk=1,kron=1", tmp_path / "ones.safetensors")
     assert_close(deltas(tmp_path / "ones.safetensors"), deltas(joined))
-    bake_diag(joined, "krk=0", tmp_path / "kept.safetensors", drop_zero=False)
+    bake_diag(joined, "krk=0", tmp_path / "kept.safetensors", keep_zero=True)
     kept, full = read_lora(tmp_path / "kept.safetensors"), read_lora(joined)
     assert all(kept.modules[n].rank == full.modules[n].rank for n in full.modules)
     with safetensors.safe_open(tmp_path / "kept.safetensors", "pt") as f:
@@ -186,7 +188,7 @@ def test_cli_join_diag_mix(tmp_path, sources, capsys):
     capsys.readouterr()
     assert main(["mix", *map(str, sources), "--rank", "fro=0.9,max=8", "-o", str(m), "--quiet", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["totals"]["rank_policy"] == "fro=0.9,max=8"
+    assert report["totals"]["policy"] == "fro=0.9,max=8"
     with safetensors.safe_open(d, "pt") as f:
         assert join_info_from_metadata(f.metadata()).names == ("a", "c")
     assert main(["diag", str(j), "zzz=0", "-o", str(tmp_path / "x.safetensors"), "--quiet"]) == 2

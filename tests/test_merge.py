@@ -55,7 +55,8 @@ def expected(base: dict, paths: list, mults: list[float], arch_id: str) -> tuple
     return out, touched
 
 
-@pytest.mark.parametrize("arch_id", ["sd15", "sd2", "sdxl"])
+@pytest.mark.parametrize("arch_id", ["sd15", pytest.param("sd2", marks=pytest.mark.slow),
+                                     pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_merge_equals_base_plus_weighted_deltas(tmp_path, pairs, arch_id):
     base_path = pairs(arch_id)[0]
     paths = lora_set(tmp_path, arch_id)
@@ -89,6 +90,7 @@ def test_qkv_rows_only_touch_their_block(tmp_path, pairs):
     assert torch.equal(merged[b:], base[b:]) and not torch.equal(merged[a:b], base[a:b])
 
 
+@pytest.mark.slow
 def test_fp16_checkpoint_keeps_dtype_and_adds_in_fp32(tmp_path):
     from lib_ortholora.synth import write_pair
     base_path, _ = write_pair("sd15", tmp_path, dtype=torch.float16)
@@ -106,6 +108,7 @@ def test_fp16_checkpoint_keeps_dtype_and_adds_in_fp32(tmp_path):
     assert wide["cond_stage_model.transformer.text_model.embeddings.position_ids"].dtype == torch.int64
 
 
+@pytest.mark.slow
 def test_ckpt_input_gives_safetensors(tmp_path, pairs):
     base_path = pairs("sd15")[0]
     base = load(base_path)
@@ -146,6 +149,7 @@ def test_refuses_to_replace_an_input(tmp_path, pairs):
         merge_lora(base_path, path, 1.0, path, overwrite=True)
 
 
+@pytest.mark.slow
 def test_cli_merge(tmp_path, pairs, capsys):
     base_path = pairs("sdxl")[0]
     paths = lora_set(tmp_path, "sdxl")[:2]

@@ -105,6 +105,7 @@ def test_exact_solution_matches_dense_svd(tmp_path):
         assert sol.lam[:, 0].abs().mean() == pytest.approx(1.0) and sol.lam[:, 0].sum() > 0
 
 
+@pytest.mark.slow
 def test_directions_are_orthogonal_and_rebuild_every_input(tmp_path):
     """Principal ⟂ secondary; Σ_p λ_{k,p}·v_p (λ from metadata, all K direction files) = dW_k and
     residual_k + λ_{k,1}·shared = dW_k, with inputs of mixed families, alphas and missing layers."""
@@ -138,6 +139,7 @@ def test_directions_are_orthogonal_and_rebuild_every_input(tmp_path):
     assert layer["before"][0][1] is None and layer["share"][1] is None
 
 
+@pytest.mark.slow
 def test_recovers_shared_component_and_private_parts(tmp_path):
     """dW_k = a_k·S + P_k (P_k mutually orthogonal, equal norms ρ‖S‖): λ_{·,1} = a / mean(a) and, with
     P_a = Σ_j a_j·P_j / ‖a‖², v_1 = mean(a)·(S + P_a) and residual_k = P_k − a_k·P_a exactly; so
@@ -178,6 +180,7 @@ def test_residual_cosines_form_a_simplex(tmp_path, k):
     assert report.totals["cos_file"] == pytest.approx(1 / (1 + rho**2), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_two_loras_residuals_are_the_secondary_direction(tmp_path):
     """K = 2: residual_k = λ_{k,2}·v_2, and shared + secondary rebuild both inputs exactly."""
     tgts = sample_targets(ARCH)
@@ -218,6 +221,7 @@ def test_alternating_least_squares_converges_to_the_same_answer(tmp_path):
         assert rel_error(v * m, sol.coef[:, 0] @ x) < 1e-8, t.name
 
 
+@pytest.mark.slow
 def test_global_lambda_matches_dense_svd_over_the_file(tmp_path):
     """One λ per LoRA for every layer: the top singular pair of the K × Σ_l N_l matrix of all
     deltas, its λ constant across layers and stored once in metadata; rebuild still exact."""
@@ -242,7 +246,7 @@ def test_global_lambda_matches_dense_svd_over_the_file(tmp_path):
 def test_rank_policy_compression_matches_factor_svd(tmp_path):
     tgts = sample_targets(ARCH)
     paths = random_loras(tmp_path, 3, tgts)
-    report = ortho_lora(paths, tmp_path / "o", directions=1, residuals=False, policy=RankPolicy("fixed", 3), dtype=F32)
+    report = ortho_lora(paths, tmp_path / "o", directions=1, residuals=False, rank=RankPolicy("fixed", 3), dtype=F32)
     shared = read_lora(outputs(report)["ortho_shared"])
     forms = [read_lora(p).lowranks() for p in paths]
     rows = {r.module: r for r in report.rows}

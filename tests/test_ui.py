@@ -23,14 +23,13 @@ from lib_ortholora.ui import ops, plots, tab_extract, tab_inspect, tab_joinmix, 
 from lib_ortholora.ui import tab_resize, views  # noqa: E402
 from lib_ortholora.ui.config import Defaults  # noqa: E402
 from lib_ortholora.ui.folders import Folders  # noqa: E402
+from lib_ortholora.report import Report  # noqa: E402
 from lib_ortholora.ui.runner import Cancelled, CancelRegistry, Outcome, ProgressBridge, execute  # noqa: E402
+from lib_ortholora.ui.runner import report_status  # noqa: E402
 from lib_ortholora.ui.widgets import written_signal_html  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-STUB = ROOT / "tests" / "webui_stub"
 TAB_SCRIPT = ROOT / "scripts" / "ortholora_tab.py"
-STUB_TOP = {"networks", "network", "network_lora", "lora_patches", "extra_networks_lora", "stub_model",
-            "modules", "ortholora_tab"}
 BASE, TUNED = "sd15_base.safetensors", "sd15_tuned.safetensors"
 
 
@@ -134,7 +133,7 @@ def test_folders_resolve_only_listed_files(cfg, models):
 
 
 def test_extract_writes_into_the_lora_folder_with_table_and_plots(cfg, models):
-    o = tab_extract.run(cfg, BASE, TUNED, "ui_extract", dim="8", no_conv=True)
+    o = tab_extract.run(cfg, BASE, TUNED, "ui_extract", rank="8", no_conv=True)
     assert o.ok, o.status
     out = models / "Lora" / "ui_extract.safetensors"
     assert out.is_file() and cfg.written == [out]
@@ -150,10 +149,18 @@ def test_extract_writes_into_the_lora_folder_with_table_and_plots(cfg, models):
     assert isinstance(fig, Figure)
 
 
+
+def test_status_gives_one_timing():
+    """The done line says how long the run took; the report's own `seconds` total is not repeated."""
+    status = report_status(Report("extract", totals={"modules": 350, "seconds": 1.56}), "Extract", 5.2)
+    assert "finished in 5.2 s" in status and "**modules** 350" in status
+    assert "seconds" not in status and "1.56" not in status
+
+
 def test_escaping_output_names_are_refused(cfg, models):
     before_root, before_lora = _files(models), _files(models / "Lora")
     for name in ("../x", "../../x", "/tmp/ortholora-x", "sub/x", ".."):
-        o = tab_extract.run(cfg, BASE, TUNED, name, dim="8")
+        o = tab_extract.run(cfg, BASE, TUNED, name, rank="8")
         assert not o.ok
         assert "Error" in o.status and "Traceback" not in o.status
     assert _files(models) == before_root and _files(models / "Lora") == before_lora
@@ -163,10 +170,10 @@ def test_escaping_output_names_are_refused(cfg, models):
 def test_no_overwrite_without_the_checkbox(cfg, models):
     target = models / "Lora" / "demo_style.safetensors"
     before = target.read_bytes()
-    o = tab_extract.run(cfg, BASE, TUNED, "demo_style", dim="4", no_conv=True)
+    o = tab_extract.run(cfg, BASE, TUNED, "demo_style", rank="4", no_conv=True)
     assert not o.ok and "Overwrite existing files" in o.status
     assert target.read_bytes() == before
-    o = tab_extract.run(cfg, BASE, TUNED, "demo_style", dim="4", no_conv=True, overwrite=True)
+    o = tab_extract.run(cfg, BASE, TUNED, "demo_style", rank="4", no_conv=True, overwrite=True)
     assert o.ok, o.status
     assert target.read_bytes() != before
     assert read_lora(target).modules[o.module].rank == 4
@@ -184,6 +191,7 @@ def test_merge_into_checkpoint(cfg, models):
     assert not o.ok and "no LoRA chosen" in o.status
 
 
+@pytest.mark.slow
 def test_join_inspect_prompt_tag_and_bake(cfg, models):
     o = tab_joinmix.run(cfg, ["demo_style.safetensors", "demo_other.safetensors"], tab_joinmix.MODES[0],
                         "1, -0.5", "a, b", "", "fp32", "joined_ab")
@@ -223,6 +231,7 @@ def test_mix(cfg, models):
     assert not o.ok and "rank policy" in o.status
 
 
+@pytest.mark.slow
 def test_ortho_alignment_heatmap(cfg, models):
     o = tab_ortho.run(cfg, ["demo_style.safetensors", "demo_joined.safetensors"], True, "orth", 2, True, False, "",
                       "fp16")
@@ -245,12 +254,9 @@ def test_ortho_alignment_heatmap(cfg, models):
     assert not o.ok and "Error" in o.status
 
 
+@pytest.mark.slow
 def test_resize_with_recipes(cfg, models, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # base-norm cache
-    if not ops.resize_available():
-        o = tab_resize.run(cfg, ["demo_style.safetensors"], "rank=4")
-        assert not o.ok and "not available" in o.status
-        return
     o = tab_resize.run(cfg, ["demo_style.safetensors", "demo_joined.safetensors"], "rank=4:sv_fro=0.9")
     assert o.ok, o.status
     for name in ("demo_style_rank4", "demo_joined_rank4", "demo_style_svfro0.9", "demo_joined_svfro0.9"):
@@ -268,7 +274,7 @@ def test_resize_with_recipes(cfg, models, monkeypatch, tmp_path):
 def test_errors_are_one_clear_line(cfg):
     o = tab_inspect.run(cfg, "missing.safetensors")
     assert not o.ok and "no LoRA named" in o.status and "\n" not in o.status
-    o = tab_extract.run(cfg, BASE, BASE, "same", dim="8")
+    o = tab_extract.run(cfg, BASE, BASE, "same", rank="8")
     assert not o.ok and "same file" in o.status
 
     def boom(progress):
@@ -309,7 +315,7 @@ def test_stop_leaves_no_partial_file(cfg, models):
         flag.set()
 
     before = _files(models / "Lora")
-    o = tab_extract.run(cfg, BASE, TUNED, "stopped", dim="8", ui_progress=ui, cancel=flag)
+    o = tab_extract.run(cfg, BASE, TUNED, "stopped", rank="8", ui_progress=ui, cancel=flag)
     assert not o.ok and "Cancelled" in o.status
     assert _files(models / "Lora") == before  # no output, no temp file
     o = tab_merge.run(cfg, BASE, ["demo_style.safetensors"], "1", "keep", "stopped_ckpt", ui_progress=None,
@@ -342,36 +348,24 @@ def test_outcome_values_fill_every_output(cfg):
 # --------------------------------------------------------------------------- webui adapter
 
 
-def _stub_names():
-    return [k for k in sys.modules if k.split(".")[0] in STUB_TOP]
-
-
 @pytest.fixture
-def webui(models, monkeypatch):
-    """tests/webui_stub on sys.path with cmd_opts pointing at the demo models; removed afterwards."""
-    saved = {k: sys.modules.pop(k) for k in _stub_names()}
-    sys.path.insert(0, str(STUB))
-    try:
-        from modules import script_callbacks, shared
-        script_callbacks.callback_map.clear()
-        shared.cmd_opts.lora_dir = str(models / "Lora")
-        shared.cmd_opts.ckpt_dir = None
-        paths = types.ModuleType("modules.paths")
-        paths.models_path = str(models)
-        sys.modules["modules.paths"] = paths
-        import networks
-        networks.list_available_networks()
-        spec = importlib.util.spec_from_file_location("ortholora_tab", TAB_SCRIPT)
-        tab = importlib.util.module_from_spec(spec)
-        sys.modules["ortholora_tab"] = tab
-        spec.loader.exec_module(tab)
-        yield types.SimpleNamespace(tab=tab, shared=shared, callbacks=script_callbacks, networks=networks,
-                                    models=models)
-    finally:
-        sys.path.remove(str(STUB))
-        for k in _stub_names():
-            del sys.modules[k]
-        sys.modules.update(saved)
+def webui(models, stub_path):
+    """The webui stand-in (conftest's stub_path) with cmd_opts pointing at the demo models."""
+    from modules import script_callbacks, shared
+    script_callbacks.callback_map.clear()
+    shared.cmd_opts.lora_dir = str(models / "Lora")
+    shared.cmd_opts.ckpt_dir = None
+    paths = types.ModuleType("modules.paths")
+    paths.models_path = str(models)
+    sys.modules["modules.paths"] = paths
+    import networks
+    networks.list_available_networks()
+    spec = importlib.util.spec_from_file_location("ortholora_tab", TAB_SCRIPT)
+    tab = importlib.util.module_from_spec(spec)
+    sys.modules["ortholora_tab"] = tab
+    spec.loader.exec_module(tab)
+    return types.SimpleNamespace(tab=tab, shared=shared, callbacks=script_callbacks, networks=networks,
+                                 models=models)
 
 
 def test_webui_adapter_registers_tab_settings_and_api(webui):
@@ -404,7 +398,7 @@ def test_webui_adapter_registers_tab_settings_and_api(webui):
     paths = {r.path for r in app.routes}
     for op in ("extract", "merge", "join", "mix", "resize", "ortho", "inspect"):
         assert f"/ortholora/v1/{op}" in paths
-    r = TestClient(app).post("/ortholora/v1/inspect", json={"file": "demo_joined"})
+    r = TestClient(app, base_url="http://127.0.0.1").post("/ortholora/v1/inspect", json={"file": "demo_joined"})
     assert r.status_code == 200 and r.json()["operation"] == "inspect"
 
 
@@ -440,7 +434,7 @@ def test_webui_checkpoint_list_and_api_auth(webui):
     webui.shared.cmd_opts.api, webui.shared.cmd_opts.api_auth = True, "alice:secret"
     app = FastAPI()
     webui.tab.on_app_started(None, app)
-    client = TestClient(app)
+    client = TestClient(app, base_url="http://127.0.0.1")  # a Host the routes answer to
     assert client.get("/ortholora/v1/files").status_code == 401
     r = client.get("/ortholora/v1/files", auth=("alice", "secret"))
     assert r.status_code == 200 and r.json()["checkpoints"] == ["renamed/base.safetensors", TUNED]

@@ -1,7 +1,7 @@
 """Benchmarks (not tests): what each operation costs on full-size synthetic data, next to the
 physical floor of the same run.
 
-Each public module of this package is one benchmark with
+Each module of this package named in NAMES is one benchmark with
   `prepare(workdir: Path, arch: str, full: bool) -> dict`   (build inputs; not measured), and
   `measure(workdir: Path, arch: str, prepared: dict) -> dict` (the measured work; returns figures),
 and, where the operation is one CLI command,
@@ -9,22 +9,24 @@ and, where the operation is one CLI command,
 `measure` runs in a fresh child process so that its peak RSS is its own. A benchmark with a command
 is also run as that command in a fresh process, with the inputs' page cache cold and then warm, and
 its wall times are given as multiples of the physical baseline measured in the same run: reading
-the inputs once (cold / warm) plus writing a file of the output's size once.
+the inputs once (cold / warm) plus writing a file of the output's size once. Benchmarks write into
+a work folder that is new, empty or made by an earlier benchmark run (see `work_folder`).
 """
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import pkgutil
 import resource
 import time
 from importlib import import_module
 from pathlib import Path
 
+from ..errors import OrthoLoraError
 from ._baseline import baseline, drop_cache
 from ._process import load, run_command
 
-NAMES = tuple(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+MARKER = ".ortholora-bench"  # in every work folder a benchmark made: its files are ours to replace
+NAMES = ("extract", "merge", "ortho", "resize", "toggle")
 
 
 def peak_rss_mb() -> float:
@@ -98,12 +100,29 @@ def _as_command(module, workdir: Path, prepared: dict) -> dict:
             "baseline": base}
 
 
-def run(name: str, arch: str, workdir: Path, full: bool = True) -> dict:
+def work_folder(path: Path, overwrite: bool = False) -> Path:
+    """`path` made ready for benchmarks, which reuse their inputs there and replace their outputs:
+    a new or empty folder, or one an earlier run made (it holds MARKER); any other only with
+    `overwrite`, since files of the benchmarks' names would be replaced."""
+    if path.exists() and not path.is_dir():
+        raise OrthoLoraError("is not a folder", path)
+    if path.is_dir() and not (path / MARKER).exists() and any(path.iterdir()) and not overwrite:
+        raise OrthoLoraError("holds files and was not made by a benchmark, which could replace some of them; "
+                             "choose a new or empty folder, or pass --overwrite", path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / MARKER).touch()
+    except OSError as err:
+        raise OrthoLoraError(f"cannot use as the work folder: {err.strerror or err}", path) from err
+    return path
+
+
+def run(name: str, arch: str, workdir: Path, full: bool = True, overwrite: bool = False) -> dict:
     """Prepare inputs in this process, then measure in a child process (and, for a benchmark with a
     command, as that command cold and warm, with the physical baseline); returns the figures."""
     if name not in NAMES:
-        raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")
-    workdir.mkdir(parents=True, exist_ok=True)
+        raise OrthoLoraError(f"unknown benchmark {name!r}; choose from {', '.join(NAMES)}")
+    work_folder(workdir, overwrite)
     module = import_module(f"{__name__}.{name}")
     prepared = module.prepare(workdir, arch, full)
     figures = {"benchmark": name, "arch": arch, "full": full, "cpus": os.cpu_count()}

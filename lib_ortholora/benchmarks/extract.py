@@ -10,9 +10,10 @@ from . import timed
 from ..arch import detect
 from ..extract import extract_lora
 from ..fileio import open_tensors
-from ..keys import targets
+from ..keys import rows_of, targets
 from ..lorafile import read_lora
 from ..lowrank import rel_error
+from ..shapes import as_matrix
 from ..svd import exact_svd
 from ..synth import write_pair
 
@@ -28,7 +29,7 @@ def prepare(workdir: Path, arch: str, full: bool) -> dict:
 
 
 def command(prepared: dict) -> list[str]:
-    return ["extract", prepared["base"], prepared["tuned"], "-o", prepared["out"], "--dim", str(RANK), "--no-conv",
+    return ["extract", prepared["base"], prepared["tuned"], "-o", prepared["out"], "--rank", str(RANK), "--no-conv",
             "--overwrite", "--quiet"]
 
 
@@ -48,8 +49,8 @@ def _accuracy(prepared: dict) -> dict:
         tgts = [t for t in targets(detect(shapes), shapes, conv=False) if t.name in lora.modules]
         ratios = []
         for t in tgts[:: max(1, len(tgts) // SAMPLE)]:
-            rows = slice(*t.rows) if t.rows else slice(None)
-            d = (tuned.get(t.ckpt_key)[rows].float() - base.get(t.ckpt_key)[rows].float()).reshape(t.shape[0], -1)
+            w0, w1 = rows_of(base.get(t.ckpt_key), t.rows), rows_of(tuned.get(t.ckpt_key), t.rows)
+            d = as_matrix(w1.float() - w0.float())
             u, s, vh = exact_svd(d)
             r = lora.modules[t.name].rank
             best = rel_error((u[:, :r] * s[:r]) @ vh[:r], d)
@@ -62,7 +63,7 @@ def _accuracy(prepared: dict) -> dict:
 def measure(workdir: Path, arch: str, prepared: dict) -> dict:
     """The extraction timed on its own (`op`), then the accuracy check."""
     torch.manual_seed(0)
-    report, cost = timed(extract_lora, prepared["base"], prepared["tuned"], RANK, 1, None, prepared["out"],
-                         conv=False, overwrite=True)
+    report, cost = timed(extract_lora, prepared["base"], prepared["tuned"], RANK, min_rank=1, max_rank=None,
+                         save_path=prepared["out"], conv=False, overwrite=True)
     figures = {"op": cost, **{k: report.totals[k] for k in ("modules", "skipped", "mean_rel_error", "output_mb")}}
     return figures | _accuracy(prepared)

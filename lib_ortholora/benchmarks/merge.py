@@ -10,10 +10,11 @@ import torch
 from . import timed
 from .. import arch as _arch
 from ..fileio import TensorSpec, open_tensors, write_safetensors_streamed
-from ..keys import targets
+from ..keys import rows_of, targets
 from ..lorafile import read_lora, write_lora
 from ..lowrank import LowRank
 from ..merge import merge_lora
+from ..shapes import matrix_shape
 from ..synth import base_tensor
 
 RANK = 64
@@ -37,7 +38,7 @@ def _write_lora(path: Path, arch_id: str, shapes: dict) -> None:
     g = torch.Generator().manual_seed(0)
     lowranks = {}
     for t in targets(_arch.Arch(arch_id), shapes):
-        inner = math.prod(t.shape[1:])
+        inner = matrix_shape(t.shape)[1]
         r = min(RANK, t.shape[0], inner)
         up = torch.randn(t.shape[0], r, generator=g) * 0.01
         down = torch.randn(r, inner, generator=g) / math.sqrt(inner * r)
@@ -59,9 +60,8 @@ def _check(prepared: dict) -> float:
         shapes = {k: base.shape(k) for k in base.keys()}
         tgts = [t for t in targets(_arch.detect(shapes), shapes) if t.name in lora.modules]
         for t in tgts[:: max(1, len(tgts) // SAMPLE)]:
-            rows = slice(*t.rows) if t.rows else slice(None)
-            want = base.get(t.ckpt_key)[rows].float() + lora.modules[t.name].delta().reshape(t.shape)
-            got = out.get(t.ckpt_key)[rows].float()
+            want = rows_of(base.get(t.ckpt_key), t.rows).float() + lora.modules[t.name].delta().reshape(t.shape)
+            got = rows_of(out.get(t.ckpt_key), t.rows).float()
             ulp = want.abs().clamp_min(2 ** -14) * 2 ** -10
             worst = max(worst, float(((got - want).abs() / ulp).max()))
     return worst

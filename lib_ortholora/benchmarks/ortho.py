@@ -16,6 +16,7 @@ from ..keys import targets
 from ..lorafile import read_lora, write_lora
 from ..lowrank import LowRank, rel_error
 from ..ortho import ortho_lora
+from ..shapes import matrix_shape
 
 SCALES = (0.8, 1.0, 1.2)
 SHARED, PRIVATE = 8, 24
@@ -28,7 +29,7 @@ def prepare(workdir: Path, arch: str, full: bool) -> dict:
         g = torch.Generator().manual_seed(0)
         forms: list[dict[str, LowRank]] = [{} for _ in SCALES]
         for t in targets(Arch(arch), spec(arch, 1 if full else 16)):
-            out, inner = t.shape[0], math.prod(t.shape[1:])
+            out, inner = matrix_shape(t.shape)
             us = torch.randn(out, SHARED, generator=g) * 0.02
             ds = torch.randn(SHARED, inner, generator=g) / math.sqrt(inner)
             for k, a in enumerate(SCALES):

@@ -17,8 +17,10 @@ from ..fileio import open_tensors
 from ..keys import Target, targets
 from ..lorafile import read_lora, write_lora
 from ..lowrank import LowRank, rel_error
-from ..normcache import layer_parallelism, parallel_map, spectral_norm
+from ..normcache import spectral_norm
+from ..parallel import layer_parallelism, parallel_map
 from ..resize import resize_files
+from ..shapes import as_matrix, matrix_shape
 from ..synth import write_pair
 
 RANK = 128
@@ -36,7 +38,7 @@ def random_lora(path: Path, arch: str, rank: int, full: bool, seed: int = 0) -> 
     def make(item: tuple[int, Target]) -> tuple[str, LowRank]:
         i, t = item
         g = torch.Generator().manual_seed(seed * 100003 + i)
-        out, inner = t.shape[0], math.prod(t.shape[1:])
+        out, inner = matrix_shape(t.shape)
         r = min(rank, out, inner)
         u = torch.linalg.qr(torch.randn(out, r, generator=g))[0]
         v = torch.linalg.qr(torch.randn(inner, r, generator=g))[0]
@@ -65,11 +67,9 @@ def prepare(workdir: Path, arch: str, full: bool) -> dict:
 
 def _resize(lora: str, out: str, recipes: str, base: str | None, cache: str) -> dict:
     report = resize_files([lora], out, recipes, base, cache_dir=cache, overwrite=True)
-    if report.totals["failed"]:
-        raise RuntimeError("; ".join(report.warnings))
-    keep = ("norms_s", "decompose_s", "output_s", "base_norms")
-    return {**{k: report.totals[k] for k in keep if k in report.totals},
-            "outputs": {Path(p).name: report.totals[Path(p).name] for p in report.outputs}}
+    return {**{f"{phase}_s": s for phase, s in report.totals["phase_seconds"].items()},
+            **{k: report.totals[k] for k in ("base_norms",) if k in report.totals},
+            "outputs": {Path(o["file"]).name: o for o in report.data["outputs"]}}
 
 
 def _kohya_comparison(lora: str, out: str) -> dict:
@@ -86,7 +86,7 @@ def _kohya_comparison(lora: str, out: str) -> dict:
     names = list(source)[::SAMPLE]
 
     def dense(name: str) -> torch.Tensor:
-        u, s, vh = torch.linalg.svd(source[name].delta().reshape(source[name].shape[0], -1), full_matrices=False)
+        u, s, vh = torch.linalg.svd(as_matrix(source[name].delta()), full_matrices=False)
         return (u[:, :16] * s[:16]) @ vh[:16]
 
     start = time.perf_counter()
@@ -108,7 +108,7 @@ def _spectral_methods(base: str) -> dict:
         for k in keys:
             picked.setdefault(tuple(f.shape(k)), k)
         for shape, key in sorted(picked.items(), key=lambda kv: -math.prod(kv[0]))[:4]:
-            w = f.get(key).float().reshape(shape[0], -1)
+            w = as_matrix(f.get(key).float())
             t0 = time.perf_counter()
             exact = float(torch.linalg.matrix_norm(w, ord=2))
             t1 = time.perf_counter()

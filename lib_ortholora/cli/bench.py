@@ -7,7 +7,10 @@ import tempfile
 from pathlib import Path
 
 from .. import benchmarks
+from ..arch import ARCHS
+from ..errors import OrthoLoraError
 from ..report import Report, Row
+from . import common
 
 COLUMNS = ("wall_s", "x_baseline", "user_s", "sys_s", "minor_faults", "peak_rss_mb", "load_before", "load_after")
 RUNS = (("cli_cold", "CLI process, cold page cache"), ("cli_warm", "CLI process, warm page cache"))
@@ -18,10 +21,11 @@ BASELINE = (("read_cold_s", "read the inputs once, cold"), ("read_warm_s", "read
 def add(sub) -> None:
     p = sub.add_parser("bench", help="benchmark an operation on full-size synthetic data (not a test)")
     p.add_argument("name", choices=benchmarks.NAMES)
-    p.add_argument("--arch", choices=("sd15", "sd2", "sdxl"), default="sd15")
+    p.add_argument("--arch", choices=ARCHS, default="sd15")
     p.add_argument("--small", action="store_true", help="tiny widths (a smoke run, not a benchmark)")
-    p.add_argument("--workdir", help="keep inputs here (reused between runs); default: a temp folder")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--workdir", help="keep inputs here (reused between runs): a new or empty folder, or one an "
+                                     "earlier benchmark made (others need --overwrite); default: a temp folder")
+    common(p)
 
 
 def _row(label: str, figures: dict) -> Row:
@@ -58,8 +62,12 @@ def as_report(figures: dict, title: str) -> Report:
 
 def run(args) -> Report:
     if args.workdir:
-        figures = benchmarks.run(args.name, args.arch, Path(args.workdir), full=not args.small)
+        figures = benchmarks.run(args.name, args.arch, Path(args.workdir), full=not args.small,
+                                 overwrite=args.overwrite)
     else:
         with tempfile.TemporaryDirectory(prefix="ortholora-bench-") as tmp:
             figures = benchmarks.run(args.name, args.arch, Path(tmp), full=not args.small)
+    failed = [f"{key}: {part['error']}" for key, part in figures.items() if isinstance(part, dict) and "error" in part]
+    if failed:
+        raise OrthoLoraError(f"benchmark {args.name} ({args.arch}) failed: {'; '.join(failed)}")
     return as_report(figures, f"{args.name} {args.arch}")

@@ -1,8 +1,8 @@
 """`diag`: bake a per-rank or per-slice diag into a new LoRA (zeroed directions leave the file)."""
 from __future__ import annotations
 
-from ..join import bake_diag
-from . import DTYPES, bar, common
+from ..diag import bake_diag
+from . import DTYPES, common
 
 
 def add(sub) -> None:
@@ -18,6 +18,6 @@ def add(sub) -> None:
 
 
 def run(args):
-    return bake_diag(args.lora, args.spec, args.out, drop_zero=not args.keep_zero,
+    return bake_diag(args.lora, args.spec, args.out, keep_zero=args.keep_zero,
                      dtype=DTYPES[args.dtype] if args.dtype else None, overwrite=args.overwrite,
-                     progress=bar(args, "diag"))
+                     progress=args.progress)

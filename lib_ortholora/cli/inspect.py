@@ -14,4 +14,4 @@ def add(sub) -> None:
 
 
 def run(args):
-    return inspect_lora(args.file, args.arch, full_metadata=args.json)
+    return inspect_lora(args.file, args.arch, full_metadata=args.json, progress=args.progress)

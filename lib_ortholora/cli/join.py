@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..join import join_loras
-from . import DTYPES, bar, common, dtype_arg
+from . import DTYPES, common, dtype_arg
 
 
 def add(sub) -> None:
@@ -19,4 +19,4 @@ def add(sub) -> None:
 def run(args):
     ratio = args.ratio[0] if args.ratio and len(args.ratio) == 1 else args.ratio
     return join_loras(args.loras, args.out, ratio, names=args.names, dtype=DTYPES[args.dtype],
-                      overwrite=args.overwrite, progress=bar(args, "join"))
+                      overwrite=args.overwrite, progress=args.progress)

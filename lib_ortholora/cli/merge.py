@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..merge import merge_lora
-from . import DTYPES, bar, common
+from . import DTYPES, common
 
 
 def add(sub) -> None:
@@ -19,4 +19,4 @@ def add(sub) -> None:
 def run(args):
     mult = args.multiplier[0] if len(args.multiplier) == 1 else args.multiplier
     return merge_lora(args.base, args.loras, mult, args.out, dtype=DTYPES[args.dtype] if args.dtype else None,
-                      overwrite=args.overwrite, progress=bar(args, "merge"))
+                      overwrite=args.overwrite, progress=args.progress)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..mix import mix_loras
-from . import DTYPES, bar, common, dtype_arg
+from . import DTYPES, common, dtype_arg
 
 
 def add(sub) -> None:
@@ -20,4 +20,4 @@ def add(sub) -> None:
 def run(args):
     ratio = args.ratio[0] if args.ratio and len(args.ratio) == 1 else args.ratio
     return mix_loras(args.loras, args.out, args.rank, ratio, dtype=DTYPES[args.dtype],
-                     overwrite=args.overwrite, progress=bar(args, "mix"))
+                     overwrite=args.overwrite, progress=args.progress)

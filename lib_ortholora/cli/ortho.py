@@ -3,8 +3,7 @@ their alignment (cosines per layer, per block and over the file) before and afte
 from __future__ import annotations
 
 from ..ortho import ortho_lora
-from ..rank import parse_policy
-from . import DTYPES, bar, common, dtype_arg
+from . import DTYPES, common, dtype_arg
 
 
 def add(sub) -> None:
@@ -17,7 +16,8 @@ def add(sub) -> None:
     p.add_argument("-o", "--out", metavar="DIR", help="output folder (omit for the report only)")
     p.add_argument("--directions", type=int, default=2, help="direction files to write (1 = shared only, "
                                                              "K = all, enough to rebuild every input)")
-    p.add_argument("--no-residuals", action="store_true", help="do not write the inputs minus the shared part")
+    p.add_argument("--no-residuals", dest="residuals", action="store_false",
+                   help="do not write the inputs minus the shared part")
     p.add_argument("--global-lambda", action="store_true", help="one λ per LoRA for all layers (default: per layer)")
     p.add_argument("--rank", help="rank policy for every output, e.g. 64, fro=0.99,max=128 (default: exact)")
     p.add_argument("--prefix", default="ortho", help="output name prefix")
@@ -26,7 +26,6 @@ def add(sub) -> None:
 
 
 def run(args):
-    return ortho_lora(args.loras, args.out, directions=args.directions, residuals=not args.no_residuals,
-                      global_lambda=args.global_lambda, policy=parse_policy(args.rank) if args.rank else None,
-                      dtype=DTYPES[args.dtype], prefix=args.prefix, overwrite=args.overwrite,
-                      progress=bar(args, "ortho"))
+    return ortho_lora(args.loras, args.out, directions=args.directions, residuals=args.residuals,
+                      global_lambda=args.global_lambda, rank=args.rank, dtype=DTYPES[args.dtype], prefix=args.prefix,
+                      overwrite=args.overwrite, progress=args.progress)

@@ -1,14 +1,11 @@
 """`resize`: shrink LoRAs with base-aware score recipes, size targets or kohya's methods."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..arch import ARCHS, UNET
 from ..errors import OrthoLoraError
 from ..fileio import open_tensors
-from ..resize import output_path, resize_files
-from ..scores import parse_recipes
-from . import DTYPES, bar, common, dtype_arg, show
+from ..resize import resize_files
+from . import DTYPES, common, dtype_arg
 
 EPILOG = """recipes (separated by ':'): score=weight items (spn_ckpt, fro_ckpt, subspace need the
 checkpoint; spn_lora, fro_lora do not; weights are normalized) plus thr=LOG10 or size=MiB, e.g.
@@ -51,18 +48,6 @@ def split_files(files: list[str], ckpt: str | None) -> tuple[str | None, list[st
 
 
 def run(args):
-    recipes = parse_recipes(args.recipes)
     ckpt, loras = split_files(args.files, args.ckpt)
-    if not args.overwrite:  # like the UI: an existing output refuses the run (the API skips it with a warning)
-        for lora in loras:
-            for recipe in recipes:
-                target = output_path(args.out, Path(lora).stem, recipe)
-                if target.exists():
-                    raise OrthoLoraError("exists; pass --overwrite to replace it", target)
-    report = resize_files(loras, args.out, recipes, ckpt, arch=args.arch, dtype=DTYPES[args.dtype],
-                          cache_dir=args.cache_dir, overwrite=args.overwrite, progress=bar(args, "resize"))
-    failed = report.totals["failed"]
-    if failed:
-        show(report, args)
-        raise OrthoLoraError(f"{failed} of {len(loras)} LoRA files failed (see the warnings above)")
-    return report
+    return resize_files(loras, args.out, args.recipes, ckpt, arch=args.arch, dtype=DTYPES[args.dtype],
+                        cache_dir=args.cache_dir, overwrite=args.overwrite, progress=args.progress)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..arch import ARCHS
 from ..report import Report, Row
 from ..synth import write_pair
-from . import DTYPES, bar, common, dtype_arg
+from . import DTYPES, common, dtype_arg
 
 
 def add(sub) -> None:
@@ -20,7 +20,7 @@ def add(sub) -> None:
 
 def run(args) -> Report:
     base, tuned = write_pair(args.arch, args.out, full=args.full, seed=args.seed, dtype=DTYPES[args.dtype],
-                             inpaint=args.inpaint, overwrite=args.overwrite, progress=bar(args, "synth"))
+                             inpaint=args.inpaint, overwrite=args.overwrite, progress=args.progress)
     report = Report("synth", outputs=[str(base), str(tuned)])
     report.add(Row(args.arch, note="full size" if args.full else "widths / 16"))
     return report

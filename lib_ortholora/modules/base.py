@@ -1,10 +1,11 @@
 """The module-type base class and the registry list."""
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Mapping
 
 import torch
 
+from ..errors import OrthoLoraError
 from ..lowrank import LowRank
 
 REGISTRY: list[type["NetworkModule"]] = []
@@ -26,10 +27,23 @@ def suffix_of(key: str) -> tuple[str, str] | None:
     return (key[: -len(best) - 1], best) if best else None
 
 
-def alpha_of(tensors: dict[str, torch.Tensor], rank: int) -> float:
+def alpha_of(name: str, tensors: Mapping[str, torch.Tensor], rank: int) -> float:
     """alpha from a 0-dim or [1] tensor (any float dtype); missing alpha means alpha = rank."""
     a = tensors.get("alpha")
-    return float(a.float().reshape(-1)[0]) if a is not None and a.numel() else float(rank)
+    if a is None:
+        return float(rank)
+    if a.numel() != 1:
+        raise OrthoLoraError(f"module {name}: alpha has shape {list(a.shape)}; it must be one number")
+    return float(a.float().reshape(-1)[0])
+
+
+def one_spelling(name: str, tensors: Mapping[str, torch.Tensor], *spellings: tuple[str, ...]) -> None:
+    """Refuse a module holding one factor under several spellings (two key styles for one layer:
+    all but one would be dropped)."""
+    present = [s for s in spellings if any(k in tensors for k in s)]
+    if len(present) > 1:
+        found = " and ".join(k for s in present for k in s if k in tensors)
+        raise OrthoLoraError(f"module {name} has {found}: one factor under two key styles")
 
 
 class NetworkModule:

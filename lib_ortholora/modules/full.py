@@ -1,6 +1,7 @@
 """LyCORIS full deltas: `diff` is dW itself ([out, in(, k, k)]), `diff_b` the bias delta [out].
 
-There is no low-rank form (`lowrank()` is None) and no scale. A bias delta can only be merged into a
+There is no low-rank form (`lowrank()` is None) and no scale (an `alpha` beside `diff` is ignored,
+as the webui ignores it). A bias delta can only be merged into a
 checkpoint's bias; every other operation reports it as dropped.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from .base import NetworkModule, register
 @register
 class FullModule(NetworkModule):
     family = "full"
-    suffixes = frozenset({"diff", "diff_b"})
+    suffixes = frozenset({"diff", "diff_b", "alpha"})
 
     def __init__(self, name: str, diff: torch.Tensor, diff_b: torch.Tensor | None):
         super().__init__(name, tuple(diff.shape))

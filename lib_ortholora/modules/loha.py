@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..lowrank import LowRank
+from ..shapes import as_matrix, matrix_shape
 from .base import NetworkModule, alpha_of, register
 
 Factors = tuple[torch.Tensor, torch.Tensor]
@@ -19,14 +20,14 @@ Factors = tuple[torch.Tensor, torch.Tensor]
 
 def tucker_factors(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Factors:
     """(up [out, r], down [r, in·k·k]) of W[o,i,h,w] = Σ_pq a[p,o]·t[p,q,h,w]·b[q,i] (LyCORIS Tucker)."""
-    down = torch.einsum("pqhw,qi->pihw", t.float(), b.float().reshape(b.shape[0], -1))
-    return a.float().reshape(a.shape[0], -1).T.contiguous(), down.reshape(t.shape[0], -1)
+    down = torch.einsum("pqhw,qi->pihw", t.float(), as_matrix(b.float()))
+    return as_matrix(a.float()).T.contiguous(), as_matrix(down)
 
 
 def hadamard_factors(f1: Factors, f2: Factors) -> Factors:
     """Exact factors of (up1@down1) ⊙ (up2@down2): row-wise / column-wise Kronecker products."""
     (u1, d1), (u2, d2) = f1, f2
-    up = (u1[:, :, None] * u2[:, None, :]).reshape(u1.shape[0], -1)
+    up = as_matrix(u1[:, :, None] * u2[:, None, :])
     down = (d1[:, None, :] * d2[None, :, :]).reshape(-1, d1.shape[1])
     return up, down
 
@@ -43,7 +44,7 @@ class LoHaModule(NetworkModule):
             t = w["hada_t1"]
             shape: tuple[int, ...] = (w["hada_w1_a"].shape[1], w["hada_w1_b"].shape[1], *t.shape[2:])
         else:
-            out, inner = w["hada_w1_a"].shape[0], w["hada_w1_b"].reshape(self._dim, -1).shape[1]
+            out, inner = w["hada_w1_a"].shape[0], matrix_shape(w["hada_w1_b"].shape)[1]
             k = kernel or 1
             shape = (out, inner // (k * k), k, k) if k > 1 and inner % (k * k) == 0 else (out, inner)
         super().__init__(name, shape)
@@ -54,7 +55,7 @@ class LoHaModule(NetworkModule):
         if not all(k in tensors for k in need):
             return None
         w = {k: v for k, v in tensors.items() if k.startswith("hada_")}
-        return cls(name, w, alpha_of(tensors, tensors["hada_w1_b"].shape[0]), kernel)
+        return cls(name, w, alpha_of(name, tensors, tensors["hada_w1_b"].shape[0]), kernel)
 
     @property
     def alpha(self) -> float:
@@ -70,7 +71,7 @@ class LoHaModule(NetworkModule):
         t = self.w.get(f"hada_t{i}")
         if t is not None:
             return tucker_factors(t, a, b)
-        return a.float().reshape(a.shape[0], -1), b.float().reshape(b.shape[0], -1)
+        return as_matrix(a.float()), as_matrix(b.float())
 
     def lowrank(self) -> LowRank:
         up, down = hadamard_factors(self._factors(1), self._factors(2))

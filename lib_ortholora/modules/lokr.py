@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from ..lowrank import LowRank
-from .base import NetworkModule, alpha_of, register
+from ..shapes import as_matrix
+from .base import NetworkModule, alpha_of, one_spelling, register
 from .loha import Factors, tucker_factors
 
 
@@ -55,13 +56,15 @@ class LoKrModule(NetworkModule):
 
     @classmethod
     def from_tensors(cls, name, tensors, kernel):
+        one_spelling(name, tensors, ("lokr_w1",), ("lokr_w1_a", "lokr_w1_b"))
+        one_spelling(name, tensors, ("lokr_w2",), ("lokr_w2_a", "lokr_w2_b", "lokr_t2"))
         has1 = "lokr_w1" in tensors or ("lokr_w1_a" in tensors and "lokr_w1_b" in tensors)
         has2 = "lokr_w2" in tensors or ("lokr_w2_a" in tensors and "lokr_w2_b" in tensors)
         if not (has1 and has2):
             return None
         w = {k: v for k, v in tensors.items() if k.startswith("lokr_")}
         low = w.get("lokr_w1_b", w.get("lokr_w2_b"))
-        return cls(name, w, alpha_of(tensors, low.shape[0] if low is not None else 1), kernel)
+        return cls(name, w, alpha_of(name, tensors, low.shape[0] if low is not None else 1), kernel)
 
     @property
     def alpha(self) -> float:
@@ -80,11 +83,11 @@ class LoKrModule(NetworkModule):
     def _w2_factors(self) -> Factors:
         if "lokr_w2" in self.w:
             w2 = self.w["lokr_w2"].float()
-            return _identity_split(w2.reshape(w2.shape[0], -1))
+            return _identity_split(as_matrix(w2))
         a, b = self.w["lokr_w2_a"], self.w["lokr_w2_b"]
         if "lokr_t2" in self.w:
             return tucker_factors(self.w["lokr_t2"], a, b)
-        return a.float(), b.float().reshape(b.shape[0], -1)
+        return a.float(), as_matrix(b.float())
 
     def lowrank(self) -> LowRank:
         (u1, v1), (u2, v2) = self._w1_factors(), self._w2_factors()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..lowrank import LowRank
-from .base import NetworkModule, alpha_of, register
+from ..shapes import as_matrix
+from .base import NetworkModule, alpha_of, one_spelling, register
 
 _DOWN = ("lora_down.weight", "lora_A.weight", "lora.down.weight")
 _UP = ("lora_up.weight", "lora_B.weight", "lora.up.weight")
@@ -32,11 +33,13 @@ class LoRAModule(NetworkModule):
 
     @classmethod
     def from_tensors(cls, name, tensors, kernel):
+        for spellings in (_DOWN, _UP):
+            one_spelling(name, tensors, *((k,) for k in spellings))
         down = next((tensors[k] for k in _DOWN if k in tensors), None)
         up = next((tensors[k] for k in _UP if k in tensors), None)
         if down is None or up is None:
             return None
-        return cls(name, up, down, tensors.get("lora_mid.weight"), alpha_of(tensors, down.shape[0]))
+        return cls(name, up, down, tensors.get("lora_mid.weight"), alpha_of(name, tensors, down.shape[0]))
 
     @property
     def alpha(self) -> float:
@@ -44,10 +47,9 @@ class LoRAModule(NetworkModule):
 
     def lowrank(self) -> LowRank:
         r = self._rank
-        up = self.up.float().reshape(self.up.shape[0], -1)
+        up = as_matrix(self.up.float())
         if self.mid is None:
-            down = self.down.float().reshape(r, -1)
+            down = as_matrix(self.down.float())
         else:
-            d = self.down.float().reshape(self.down.shape[0], -1)
-            down = torch.einsum("abhw,bi->aihw", self.mid.float(), d).reshape(self.mid.shape[0], -1)
+            down = as_matrix(torch.einsum("abhw,bi->aihw", self.mid.float(), as_matrix(self.down.float())))
         return LowRank(up, down, self._alpha / r, self.shape)

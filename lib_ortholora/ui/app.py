@@ -11,14 +11,20 @@ from .widgets import Context
 
 SUBTABS = (tab_extract, tab_merge, tab_joinmix, tab_resize, tab_ortho, tab_inspect)
 EXTENSION_ROOT = Path(__file__).resolve().parents[2]
+"""The extension's folder (a clone of the repository): style.css and javascript/ are its own."""
+PACKAGED_ASSETS = Path(__file__).resolve().parent / "assets"
+"""Where an installed wheel has them (copied there at build time by setup.py; absent in a clone)."""
 
 
 def _asset(*parts: str) -> str:
-    path = EXTENSION_ROOT.joinpath(*parts)
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError:
-        return ""
+    """A file of the tab's assets (`style.css`, `javascript/…`), from the wheel's copy when installed,
+    else from the extension's folder; "" when neither has it."""
+    for root in (PACKAGED_ASSETS, EXTENSION_ROOT):
+        try:
+            return root.joinpath(*parts).read_text(encoding="utf-8")
+        except OSError:
+            continue
+    return ""
 
 
 def build_tab(cfg: UiConfig, standalone: bool = False) -> gr.Blocks:

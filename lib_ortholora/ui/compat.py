@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import inspect
+import os
+import tempfile
 from functools import lru_cache
+from pathlib import Path
 
 import gradio as gr
 
@@ -42,8 +45,16 @@ def queue(blocks, workers: int = 4):
     return blocks.queue(concurrency_count=workers)
 
 
-def event_kwargs(**kwargs) -> dict:
-    """Event options valid on this version (e.g. `concurrency_limit` exists only in gradio 4)."""
-    if major() < 4:
-        kwargs.pop("concurrency_limit", None)
-    return kwargs
+def temp_dir() -> Path:
+    """Where gradio (3.41 and 4.x) writes the files it serves itself: GRADIO_TEMP_DIR or <tmp>/gradio."""
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+
+
+def made_by_gradio(blocks, requested: str) -> bool:
+    """True for a file gradio itself wrote for `blocks` (a plot, a download), named exactly as
+    gradio named it, and still a file inside gradio's temp folder (not a link out of it)."""
+    made = set().union(*getattr(blocks, "temp_file_sets", []))
+    if requested not in made:
+        return False
+    root, real = os.path.realpath(temp_dir()), os.path.realpath(requested)
+    return os.path.commonpath([root, real]) == root and os.path.isfile(real)

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+from ..dtypes import OUTPUT_NAMES as DTYPES
+
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("fp16", "bf16", "fp32")
 DEFAULT_RANK_POLICY = "fraction=0.08,min=8,max=96"
 
 

@@ -8,19 +8,30 @@ from pathlib import Path
 
 from ..errors import OrthoLoraError
 from ..fileio import safe_output_path
+from ..paths import CHECKPOINT_SUFFIXES, LORA_SUFFIXES
 from .config import UiConfig
 
-LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
-CKPT_SUFFIXES = (".safetensors", ".ckpt")
 OVERWRITE_HINT = "tick “Overwrite existing files” (API: \"overwrite\": true) to replace it"
 
 
 def _walk(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
-    """{relative posix path: file} of every file with one of `suffixes` below `folder`, sorted."""
+    """{relative posix path: file} of every file with one of `suffixes` below `folder`, sorted.
+    Symlinked folders are followed, each real folder once (under the first name met in sorted
+    order), so links that loop back end the walk instead of branching forever."""
     found: dict[str, Path] = {}
     if not folder.is_dir():
         return found
+    seen: set[tuple[int, int]] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
+        try:
+            st = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if name.startswith(".") or not name.lower().endswith(suffixes):
@@ -76,7 +87,7 @@ class Folders:
                 found = {}
         known = {_same(p) for p in found.values()}
         for folder in self.cfg.ckpt_dirs:
-            for label, path in _walk(folder, CKPT_SUFFIXES).items():
+            for label, path in _walk(folder, CHECKPOINT_SUFFIXES).items():
                 if _same(path) not in known and label not in found:
                     found[label] = path
                     known.add(_same(path))
@@ -110,23 +121,21 @@ class Folders:
         except ValueError:
             return None
 
-    # --- outputs
-    def lora_output(self, name: str, overwrite: bool = False) -> Path:
-        return self._output(self.cfg.lora_dir, name, overwrite)
+    # --- outputs (the core claims them: an existing file is refused there unless overwrite)
+    def lora_output(self, name: str) -> Path:
+        return self._output(self.cfg.lora_dir, name)
 
-    def checkpoint_output(self, name: str, overwrite: bool = False) -> Path:
-        return self._output(self.cfg.ckpt_out_dir, name, overwrite)
+    def checkpoint_output(self, name: str) -> Path:
+        return self._output(self.cfg.ckpt_out_dir, name)
 
     def lora_prefix(self, prefix: str) -> str:
         """A name prefix for several outputs (ortho); the same rules as one output name."""
         return safe_output_path(self.cfg.lora_dir, prefix, suffix="").name
 
     @staticmethod
-    def _output(folder: Path, name: str, overwrite: bool) -> Path:
+    def _output(folder: Path, name: str) -> Path:
         if not isinstance(name, str):
             raise OrthoLoraError("output name must be text")
         path = safe_output_path(folder, name)
-        if not overwrite and os.path.lexists(path):
-            raise OrthoLoraError(f"exists; {OVERWRITE_HINT}", path)
         folder.mkdir(parents=True, exist_ok=True)
         return path

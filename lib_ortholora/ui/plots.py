@@ -1,22 +1,17 @@
 """Matplotlib figures for the result panels (Agg canvas, no pyplot state, safe from worker threads):
-singular-value spectrum of one module, rank per block, energy per block, K×K alignment heatmaps."""
+singular-value spectrum of one module, rank per block, energy per block, K×K alignment heatmaps.
+Drawing only: the figures' numbers come from the core's reports and `inspect`."""
 from __future__ import annotations
 
 import math
-import os
-import threading
 from collections import OrderedDict
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..errors import OrthoLoraError
-from ..lorafile import LoraFile, read_lora
 from ..report import Report
-from ..svd import exact_svd, factor_svd
 
 ACCENT = "#d9480f"
 MUTED = "#868e96"
@@ -29,43 +24,6 @@ def _figure(width: float = 7.0, height: float = 3.4) -> Figure:
 
 
 # --------------------------------------------------------------------------- spectrum
-
-_cache: "OrderedDict[tuple, LoraFile]" = OrderedDict()
-_cache_lock = threading.Lock()
-
-
-def _read_cached(path: Path) -> LoraFile:
-    """The last LoRA read (keyed by path, size and mtime): choosing another module is instant."""
-    st = os.stat(path)
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    with _cache_lock:
-        if key in _cache:
-            return _cache[key]
-    lf = read_lora(path)
-    with _cache_lock:
-        _cache.clear()
-        _cache[key] = lf
-    return lf
-
-
-def module_names(path: Path) -> list[str]:
-    return list(_read_cached(Path(path)).modules)
-
-
-def module_spectrum(path: Path, module: str) -> tuple[torch.Tensor, str]:
-    """Singular values of one module's dW (from the factors when it has an exact low-rank form)
-    and a short description."""
-    lf = _read_cached(Path(path))
-    m = lf.modules.get(module)
-    if m is None:
-        raise OrthoLoraError(f"no module {module!r} in this LoRA", path)
-    lr = m.lowrank()
-    if lr is not None:
-        s = factor_svd(lr)[1]
-    else:
-        s = exact_svd(m.delta().float().reshape(m.shape[0], -1))[1]
-    return s.detach().cpu().double(), f"{m.family}, rank {m.rank}, shape {'×'.join(map(str, m.shape))}"
-
 
 def spectrum(s: Sequence[float] | torch.Tensor, title: str, subtitle: str = "") -> Figure:
     """σ_i on a log scale, with the cumulative share of energy Σσ² on a second axis."""

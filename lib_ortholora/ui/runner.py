@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import fileio
 from ..errors import OrthoLoraError
+from ..outputs import OutputExists
 from ..progress import Progress
-from ..report import Report
+from ..report import Report, format_value
 from .config import UiConfig
 from .folders import OVERWRITE_HINT
 
@@ -43,10 +43,6 @@ class Outcome:
     alignment: dict | None = None
     written: list[Path] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def message(self) -> str:
-        return self.status
 
 
 class CancelRegistry:
@@ -84,10 +80,8 @@ class ProgressBridge:
                  interval: float = 0.1):
         self.ui, self.cancel, self.label, self.interval = ui_progress, cancel, label, interval
         self._last = 0.0
-        self.calls = 0
 
     def __call__(self, done: int, total: int, what: str) -> None:
-        self.calls += 1
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled()
         now = time.monotonic()
@@ -102,8 +96,8 @@ class ProgressBridge:
 
 def user_message(err: OrthoLoraError) -> str:
     """The one-line message, with UI wording for the core's overwrite refusal."""
-    if err.problem == getattr(fileio, "_EXISTS", "exists; pass overwrite to replace it"):
-        return f"{err.path}: exists; {OVERWRITE_HINT}" if err.path else f"exists; {OVERWRITE_HINT}"
+    if isinstance(err, OutputExists):
+        return f"{err.path}: exists; {OVERWRITE_HINT}"
     return str(err)
 
 
@@ -117,22 +111,14 @@ def error_status(message: str) -> str:
     return f"✗ **Error:** {_escape(message)}"
 
 
-def _value(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, dict):
-        return ", ".join(f"{k} {_value(x)}" for k, x in v.items())
-    if isinstance(v, (list, tuple)):
-        return ", ".join(_value(x) for x in v)
-    return str(v)
-
-
 def report_status(report: Report, label: str, seconds: float, skip: tuple[str, ...] = ()) -> str:
-    """Markdown: a done line, the totals, warnings and written files."""
+    """Markdown: a done line, the totals (but `skip` and the times: the done line has the time),
+    warnings and written files."""
     lines = [f"✓ **{label}** finished in {seconds:.1f} s"]
+    skip = (*skip, "seconds", "phase_seconds")
     shown = {k: v for k, v in report.totals.items() if k not in skip and v not in (None, "", {}, [])}
     if shown:
-        lines.append(" · ".join(f"**{_escape(str(k))}** {_escape(_value(v))}" for k, v in shown.items()))
+        lines.append(" · ".join(f"**{_escape(str(k))}** {_escape(format_value(v))}" for k, v in shown.items()))
     lines += [f"⚠ {_escape(w)}" for w in report.warnings]
     lines += [f"→ wrote `{p}`" for p in report.outputs]
     return "\n\n".join(lines)

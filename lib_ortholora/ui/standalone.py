@@ -1,25 +1,37 @@
 """The tab without the webui: `python -m lib_ortholora ui [--models DIR]`. DIR has the webui's
 layout (DIR/Lora, DIR/Stable-diffusion); without it a demo folder of tiny synthetic models is built
-once (~/.cache/ortholora/demo-models, or a temporary folder)."""
+once (`demo-models` in the cache folder, `paths.cache_dir`, or a temporary folder).
+
+Every request passes `guard.RequestGuard` (gradio's page, queue, websocket and file routes as well
+as the API): only Host names of the address served, no other origin, JSON bodies only, and
+`/file=` serves nothing but gradio's own temp files."""
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from ..errors import OrthoLoraError  # noqa: E402
+from ..paths import cache_dir  # noqa: E402
 from ..progress import Progress  # noqa: E402
 from .config import UiConfig  # noqa: E402
+from .guard import RequestPolicy, normalize_name  # noqa: E402
+
+GRADIO_PORTS = range(7860, 7960)  # gradio's own default range
 
 DEMO_MARK = ".ortholora-demo-v1"
 
 
 def default_demo_dir() -> Path:
-    """~/.cache/ortholora/demo-models when it can be written, else a temporary folder."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ortholora" / "demo-models"
+    """`demo-models` in the cache folder when it can be written, else a temporary folder."""
+    cache = cache_dir("demo-models")
     try:
         cache.mkdir(parents=True, exist_ok=True)
         probe = cache / ".write-test"
@@ -56,7 +68,7 @@ def demo_models(folder: str | os.PathLike | None = None, progress: Progress | No
 
 
 def _loopback(host: str) -> bool:
-    if host in ("localhost", ""):
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -64,13 +76,47 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def listen_port(host: str, port: int | None) -> int:
+    """The port to serve on (`port`, or the first free one of gradio's range), checked by binding
+    it on `host` now; OrthoLoraError (one line) for an address or port this machine cannot serve."""
+    if port is not None and not 0 < port < 65536:
+        raise OrthoLoraError(f"port {port}: must be between 1 and 65535")
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (OSError, ValueError) as e:  # ValueError: NUL bytes, bad IDNA names
+        raise OrthoLoraError(f"host {host!r}: not an address this machine can listen on "
+                             f"({getattr(e, 'strerror', None) or e})") from None
+    error: OSError | None = None
+    for candidate in [port] if port is not None else GRADIO_PORTS:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((address[0], candidate, *address[2:]))
+                return candidate
+            except OSError as e:
+                error = e
+    ports = port if port is not None else f"{GRADIO_PORTS[0]}-{GRADIO_PORTS[-1]}"
+    raise OrthoLoraError(f"cannot listen on {host} port {ports}: {(error and error.strerror) or error}")
+
+
 def serve(models: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int | None = None,
-          cfg: UiConfig | None = None, block: bool = True, api: bool = True, quiet: bool = False):
-    """Serve the tab (and the HTTP API under /ortholora/v1) on host:port. Returns
-    (blocks, app, url); with `block` it serves until interrupted, then closes."""
+          cfg: UiConfig | None = None, block: bool = True, api: bool = True, quiet: bool = False,
+          allow_hosts: Iterable[str] = ()):
+    """Serve the tab (and the HTTP API under /ortholora/v1) on host:port. Requests must name the
+    server by `host` (any address of the machine when it is 0.0.0.0 or ::, plus `localhost` for
+    those and loopback) or by one of `allow_hosts` ("*": any name). Returns (blocks, app, url);
+    with `block` it serves until interrupted, then closes. A bad host or a busy port raises
+    OrthoLoraError before anything is built."""
+    host = normalize_name(host or "127.0.0.1")
+    port = listen_port(host, port)
+    policy = RequestPolicy.for_address(host, allow_hosts)
+
+    from starlette.middleware import Middleware
+
     from . import compat
     from .api import add_routes
     from .app import build_tab
+    from .guard import RequestGuard, drop_cors
 
     if cfg is None:
         if models is None:
@@ -80,14 +126,20 @@ def serve(models: str | os.PathLike | None = None, host: str = "127.0.0.1", port
     for folder in (cfg.lora_dir, *cfg.ckpt_dirs):
         Path(folder).mkdir(parents=True, exist_ok=True)
     if not _loopback(host):
-        print(f"warning: serving on {host}: anyone who can reach it can read and write model files "
-              "in these folders", file=sys.stderr)
+        print(f"warning: serving on {host}: anyone who can reach it can read and write model files in these "
+              "folders", file=sys.stderr)
     blocks = build_tab(cfg, standalone=True)
     compat.queue(blocks)
-    app, url, _ = blocks.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True,
-                                show_api=False, inbrowser=False)
+    guard = Middleware(RequestGuard, policy=policy, file_allowed=functools.partial(compat.made_by_gradio, blocks))
+    try:  # the guard is in place from the first request on; gradio's wildcard CORS goes right after
+        app, url, _ = blocks.launch(server_name=f"[{host}]" if ":" in host else host, server_port=port,
+                                    prevent_thread_lock=True, quiet=True, show_api=False, inbrowser=False,
+                                    app_kwargs={"middleware": [guard]})
+    except OSError as e:
+        raise OrthoLoraError(f"cannot serve on {host} port {port}: {e}") from None
+    drop_cors(app)
     if api:
-        add_routes(app, cfg)
+        add_routes(app, cfg, policy=policy)
     if not quiet:
         print(f"LoRA Toolbox on {url}  (models: {cfg.lora_dir.parent}; Ctrl+C stops)", flush=True)
     if block:

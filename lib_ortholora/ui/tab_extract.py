@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ..extract import SVD_METHODS
 from . import compat, ops, views
 from .config import DEVICES, DTYPES, UiConfig
 from .folders import Folders
@@ -14,12 +15,12 @@ POLICY_HELP = ("N (fixed), fraction=F[,min=N][,max=N], sv_ratio=P, threshold=T, 
                "(each may add min=/max=)")
 
 
-def run(cfg: UiConfig, base, tuned, out, dim="", conv_dim="", no_conv=False, skip=1e-6, svd="auto", device="auto",
+def run(cfg: UiConfig, base, tuned, out, rank="", conv_rank="", no_conv=False, skip=1e-6, svd="auto", device="auto",
         dtype="fp16", overwrite=False, *, ui_progress=None, cancel=None) -> Outcome:
     folders = Folders(cfg)
     return execute(cfg, "Extract",
-                   lambda p: ops.extract(cfg, base=base, tuned=tuned, out=out, dim=dim, conv_dim=conv_dim,
-                                         no_conv=bool(no_conv), skip=float(skip if skip is not None else 1e-6),
+                   lambda p: ops.extract(cfg, base=base, tuned=tuned, out=out, rank=rank, conv_rank=conv_rank,
+                                         conv=not no_conv, skip=float(skip if skip is not None else 1e-6),
                                          svd=svd, device=device, dtype=dtype, overwrite=bool(overwrite), progress=p),
                    ui_progress=ui_progress, cancel=cancel,
                    after=lambda report, o: views.written_lora_views(folders, report, o))
@@ -35,17 +36,17 @@ def build(ctx) -> None:
         with gr.Column():
             tuned = ctx.ckpt_picker(OP, "Fine-tuned checkpoint", "tuned")
     with gr.Row():
-        dim = compat.component(gr.Textbox, value=d.rank_policy, label="Rank policy", info=POLICY_HELP, max_lines=1,
-                               elem_id="ortholora_extract_dim")
-        conv_dim = compat.component(gr.Textbox, value="", label="Rank policy for 3×3 convs",
-                                    info="empty: the same as above", max_lines=1, elem_id="ortholora_extract_conv_dim")
+        rank = compat.component(gr.Textbox, value=d.rank_policy, label="Rank policy", info=POLICY_HELP, max_lines=1,
+                                elem_id="ortholora_extract_dim")
+        conv_rank = compat.component(gr.Textbox, value="", label="Rank policy for 3×3 convs",
+                                     info="empty: the same as above", max_lines=1, elem_id="ortholora_extract_conv_dim")
         no_conv = compat.component(gr.Checkbox, value=False, label="Leave convolutions out (no LoCon)",
                                    elem_id="ortholora_extract_no_conv")
     with gr.Accordion("Advanced", open=False):
         with gr.Row():
             skip = compat.component(gr.Number, value=1e-6, label="Skip layers with max|ΔW| ≤",
                                     elem_id="ortholora_extract_skip")
-            svd = compat.component(gr.Radio, choices=list(ops.SVD_METHODS), value="auto", label="SVD",
+            svd = compat.component(gr.Radio, choices=list(SVD_METHODS), value="auto", label="SVD",
                                    elem_id="ortholora_extract_svd")
             device = compat.component(gr.Radio, choices=list(DEVICES), value=d.device, label="Device",
                                       elem_id="ortholora_extract_device")
@@ -55,5 +56,5 @@ def build(ctx) -> None:
     run_btn, stop_btn = run_buttons(OP, "Extract LoRA")
     results = Results(ctx, OP)
     ctx.wire(OP, run_btn, stop_btn, run,
-             [base, tuned, out, dim, conv_dim, no_conv, skip, svd, device, dtype, overwrite], results)
+             [base, tuned, out, rank, conv_rank, no_conv, skip, svd, device, dtype, overwrite], results)
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..diag import join_info_from_metadata
+from ..arch import ARCHS
+from ..joinmeta import join_info_from_metadata
 from ..errors import OrthoLoraError
 from ..lorafile import read_lora
 from . import compat, ops, views
@@ -16,7 +17,7 @@ from .runner import Outcome, execute
 from .widgets import Results, output_row, run_buttons
 
 OP, TITLE = "inspect", "Inspect"
-ARCH_CHOICES = ("auto", *ops.ARCHS)
+ARCH_CHOICES = ("auto", *ARCHS)
 
 
 def joined_sources(path: Path) -> list[dict] | None:

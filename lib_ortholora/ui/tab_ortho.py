@@ -33,7 +33,7 @@ def run(cfg: UiConfig, loras, write=True, prefix="ortho", directions=2, residual
         return Outcome(False, error_status(str(e)))
     return execute(cfg, "Orthogonalize",
                    lambda p: ops.ortho(cfg, loras=list(loras or []), write=bool(write), prefix=prefix, directions=n,
-                                       no_residuals=not residuals, global_lambda=bool(global_lambda), rank=rank,
+                                       residuals=bool(residuals), global_lambda=bool(global_lambda), rank=rank,
                                        dtype=dtype, overwrite=bool(overwrite), progress=p),
                    ui_progress=ui_progress, cancel=cancel, status_skip=("share_file",),
                    after=lambda report, o: views.ortho_views(folders, report, o))

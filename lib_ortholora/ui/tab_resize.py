@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ..arch import ARCHS
 from . import compat, ops, views
 from .config import DTYPES, UiConfig
 from .folders import Folders
@@ -29,9 +30,6 @@ def run(cfg: UiConfig, loras, recipes=DEFAULT_RECIPES, ckpt=NONE, arch="auto", d
 
 def build(ctx) -> None:
     d = ctx.defaults
-    if not ops.resize_available():
-        gr.Markdown("Resizing is not available in this version of the toolbox.")
-        return
     gr.Markdown("Shrink LoRAs: every layer's exact singular values come from its factors, and a recipe decides "
                 "what to keep. Each LoRA × recipe is written as `NAME_<recipe>` into the LoRA folder.")
     loras = ctx.lora_picker(OP, "LoRAs", multiselect=True)
@@ -41,7 +39,7 @@ def build(ctx) -> None:
         with gr.Column(scale=2):
             ckpt = ctx.ckpt_picker(OP, "Base checkpoint (for *_ckpt and subspace scores)", "ckpt", optional=True)
     with gr.Row():
-        arch = compat.component(gr.Radio, choices=["auto", *ops.ARCHS], value="auto", label="Architecture",
+        arch = compat.component(gr.Radio, choices=["auto", *ARCHS], value="auto", label="Architecture",
                                 info="for LoRAs that do not say", elem_id="ortholora_resize_arch")
         dtype = compat.component(gr.Radio, choices=list(DTYPES), value=d.dtype, label="Output dtype",
                                  elem_id="ortholora_resize_dtype")

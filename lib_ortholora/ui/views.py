@@ -1,13 +1,34 @@
 """From a finished report to what the result panels draw (no gradio here, so tests call it)."""
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
-from ..inspect import inspect_lora
+from ..errors import OrthoLoraError
+from ..inspect import inspect_lora, module_spectrum
+from ..lorafile import LoraFile, read_lora
 from ..report import Report
 from . import plots
 from .folders import Folders
 from .runner import Outcome
+
+_last: dict[tuple, LoraFile] = {}
+_last_lock = threading.Lock()
+
+
+def _read_cached(path: Path) -> LoraFile:
+    """The last LoRA read (keyed by path, size and mtime): choosing another module is instant."""
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    with _last_lock:
+        if key in _last:
+            return _last[key]
+    lf = read_lora(path)
+    with _last_lock:
+        _last.clear()
+        _last[key] = lf
+    return lf
 
 
 def _strongest(report: Report) -> str | None:
@@ -24,8 +45,11 @@ def spectrum_view(path: Path, module: str | None):
     """The spectrum figure of one module of a LoRA file (None when no module is chosen)."""
     if not module:
         return None
-    s, about = plots.module_spectrum(path, module)
-    return plots.spectrum(s, module, f"{Path(path).name}: {about}")
+    m = _read_cached(Path(path)).modules.get(module)
+    if m is None:
+        raise OrthoLoraError(f"no module {module!r} in this LoRA", path)
+    about = f"{m.family}, rank {m.rank}, shape {'×'.join(map(str, m.shape))}"
+    return plots.spectrum(module_spectrum(m), module, f"{Path(path).name}: {about}")
 
 
 def lora_views(folders: Folders, outcome: Outcome, path: Path, report: Report | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Stand-in for extensions-builtin/Lora/lora_patches.py: route Linear/Conv2d through `networks`.
+"""Stand-in for extensions-builtin/Lora/lora_patches.py: route Linear/Conv2d/MultiheadAttention through `networks`.
 
 The patch is global (torch classes), as in the webui; `undo()` puts the originals back.
 """
@@ -11,6 +11,9 @@ _PATCHED = [
     ("Linear_load_state_dict", torch.nn.Linear, "_load_from_state_dict", "network_Linear_load_state_dict"),
     ("Conv2d_forward", torch.nn.Conv2d, "forward", "network_Conv2d_forward"),
     ("Conv2d_load_state_dict", torch.nn.Conv2d, "_load_from_state_dict", "network_Conv2d_load_state_dict"),
+    ("MultiheadAttention_forward", torch.nn.MultiheadAttention, "forward", "network_MultiheadAttention_forward"),
+    ("MultiheadAttention_load_state_dict", torch.nn.MultiheadAttention, "_load_from_state_dict",
+     "network_MultiheadAttention_load_state_dict"),
 ]
 
 

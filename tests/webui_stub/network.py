@@ -82,7 +82,12 @@ class NetworkModule:
         self.network_key = weights.network_key
         self.sd_key = weights.sd_key
         self.sd_module = weights.sd_module
-        self.shape = self.sd_module.weight.shape if hasattr(self.sd_module, "weight") else None
+        if hasattr(self.sd_module, "weight"):
+            self.shape = self.sd_module.weight.shape
+        elif isinstance(self.sd_module, nn.MultiheadAttention):  # q/k/v/out all assumed out_proj's shape
+            self.shape = self.sd_module.out_proj.weight.shape
+        else:
+            self.shape = None
 
         self.ops = None
         self.extra_kwargs = {}

@@ -45,7 +45,8 @@ class NetworkModuleLora(network.NetworkModule):
         weight = weights.get(key)
         if weight is None and none_ok:
             return None
-        is_linear = type(self.sd_module) in (torch.nn.Linear, torch.nn.modules.linear.NonDynamicallyQuantizableLinear)
+        is_linear = type(self.sd_module) in (torch.nn.Linear, torch.nn.modules.linear.NonDynamicallyQuantizableLinear,
+                                             torch.nn.MultiheadAttention)
         is_conv = type(self.sd_module) is torch.nn.Conv2d
         if is_linear:
             weight = weight.reshape(weight.shape[0], -1)

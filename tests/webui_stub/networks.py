@@ -23,27 +23,45 @@ _resnet_suffix = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_
 re_x_proj = re.compile(r"(.*)_([qkv]_proj)$")
 
 
+def _open_clip_name(prefix, layer, rest):
+    """kohya text-encoder suffix → open_clip's (mlp_fc1 → mlp_c_fc, mlp_fc2 → mlp_c_proj, self_attn → attn)."""
+    if "mlp_fc1" in rest:
+        return f"{prefix}model_transformer_resblocks_{layer}_{rest.replace('mlp_fc1', 'mlp_c_fc')}"
+    if "mlp_fc2" in rest:
+        return f"{prefix}model_transformer_resblocks_{layer}_{rest.replace('mlp_fc2', 'mlp_c_proj')}"
+    return f"{prefix}model_transformer_resblocks_{layer}_{rest.replace('self_attn', 'attn')}"
+
+
 def convert_diffusers_name_to_compvis(key, is_sd2):
-    """kohya (diffusers-style) layer name → the webui's layer name. SD1 subset: see README.md."""
-    m = re.fullmatch(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key)
+    """kohya (diffusers-style) layer name → the webui's layer name. Subset: see README.md."""
+    m = re.match(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key)
     if m:
         block, kind, idx, rest = int(m[1]), m[2], int(m[3]), m[4]
         if kind == "resnets":
             rest = _resnet_suffix.get(rest, rest)
         return f"diffusion_model_input_blocks_{1 + 3 * block + idx}_{1 if kind == 'attentions' else 0}_{rest}"
-    m = re.fullmatch(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", key)
+    m = re.match(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", key)
     if m:
+        if is_sd2:
+            return _open_clip_name("", m[1], m[2])
         return f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"
+    m = re.match(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", key)
+    if m:
+        return _open_clip_name("1_", m[1], m[2])
     return key
 
 
 def assign_network_names_to_compvis_modules(sd_model):
-    """Every submodule gets `network_layer_name` = its dotted path with '.' → '_' (SD1 layout)."""
+    """Every submodule gets `network_layer_name` = its dotted path with '.' → '_'; SDXL's text
+    encoders are prefixed with their embedder index (`0_…`, `1_…`)."""
     mapping = {}
-    cond = getattr(sd_model.cond_stage_model, "wrapped", sd_model.cond_stage_model)
-    for root in (cond, sd_model.model):
+    if sd_model.is_sdxl:
+        roots = [(f"{i}_", e.wrapped) for i, e in enumerate(sd_model.conditioner.embedders) if hasattr(e, "wrapped")]
+    else:
+        roots = [("", getattr(sd_model.cond_stage_model, "wrapped", sd_model.cond_stage_model))]
+    for prefix, root in roots + [("", sd_model.model)]:
         for name, module in root.named_modules():
-            layer_name = name.replace(".", "_")
+            layer_name = prefix + name.replace(".", "_")
             mapping[layer_name] = module
             module.network_layer_name = layer_name
     sd_model.network_layer_mapping = mapping
@@ -71,6 +89,9 @@ def load_network(name, network_on_disk):
                 sd_module = mapping.get(m.group(1))
         if sd_module is None and "lora_unet" in layer_key:
             key = layer_key.replace("lora_unet", "diffusion_model")
+            sd_module = mapping.get(key)
+        elif sd_module is None and "lora_te1_text_model" in layer_key:
+            key = layer_key.replace("lora_te1_text_model", "0_transformer_text_model")
             sd_module = mapping.get(key)
         if sd_module is None:
             unmatched[key_network] = key
@@ -162,9 +183,48 @@ def network_restore_weights_from_backup(self):
     bias_backup = getattr(self, "network_bias_backup", None)
     if weights_backup is None and bias_backup is None:
         return
+    mha = isinstance(self, torch.nn.MultiheadAttention)
     if weights_backup is not None:
-        restore_weights_backup(self, "weight", weights_backup)
-    restore_weights_backup(self, "bias", bias_backup)
+        if mha:
+            restore_weights_backup(self, "in_proj_weight", weights_backup[0])
+            restore_weights_backup(self.out_proj, "weight", weights_backup[1])
+        else:
+            restore_weights_backup(self, "weight", weights_backup)
+    restore_weights_backup(self.out_proj if mha else self, "bias", bias_backup)
+
+
+def _merge_one(self, module):
+    """A Linear/Conv2d layer with its own network module: weight += updown (+ bias)."""
+    weight, bias = self.weight, self.bias
+    updown, ex_bias = module.calc_updown(weight)
+    self.weight.copy_((weight.to(dtype=updown.dtype) + updown).to(dtype=self.weight.dtype))
+    if ex_bias is not None and hasattr(self, "bias"):
+        if self.bias is None:
+            self.bias = torch.nn.Parameter(ex_bias).to(self.weight.dtype)
+        else:
+            self.bias.copy_((bias + ex_bias).to(dtype=self.bias.dtype))
+
+
+def _merge_mha(self, module_q, module_k, module_v, module_out):
+    """open_clip attention: kohya q/k/v modules on the thirds of in_proj_weight, out_proj on out_proj."""
+    qw, kw, vw = self.in_proj_weight.chunk(3, 0)
+    updown_q, _ = module_q.calc_updown(qw)
+    updown_k, _ = module_k.calc_updown(kw)
+    updown_v, _ = module_v.calc_updown(vw)
+    updown_out, ex_bias = module_out.calc_updown(self.out_proj.weight)
+    self.in_proj_weight += torch.vstack([updown_q, updown_k, updown_v])
+    self.out_proj.weight += updown_out
+    if ex_bias is not None:
+        if self.out_proj.bias is None:
+            self.out_proj.bias = torch.nn.Parameter(ex_bias)
+        else:
+            self.out_proj.bias += ex_bias
+
+
+def _count_error(net, layer_name, e):
+    logging.debug(f"Network {net.name} layer {layer_name}: {e}")
+    if extra_network_lora is not None:
+        extra_network_lora.errors[net.name] = extra_network_lora.errors.get(net.name, 0) + 1
 
 
 def network_apply_weights(self):
@@ -175,16 +235,26 @@ def network_apply_weights(self):
 
     current_names = getattr(self, "network_current_names", ())
     wanted_names = tuple((x.name, x.te_multiplier, x.unet_multiplier, x.dyn_dim) for x in loaded_networks)
+    mha = isinstance(self, torch.nn.MultiheadAttention)
 
     weights_backup = getattr(self, "network_weights_backup", None)
     if weights_backup is None and wanted_names != ():
         if current_names != ():
             raise RuntimeError(f"{layer_name} - no backup weights found and current weights are not unchanged")
-        self.network_weights_backup = weights_backup = store_weights_backup(self.weight)
+        if mha:
+            weights_backup = (store_weights_backup(self.in_proj_weight), store_weights_backup(self.out_proj.weight))
+        else:
+            weights_backup = store_weights_backup(self.weight)
+        self.network_weights_backup = weights_backup
 
     bias_backup = getattr(self, "network_bias_backup", None)
     if bias_backup is None and wanted_names != ():
-        bias_backup = store_weights_backup(self.bias) if getattr(self, "bias", None) is not None else None
+        if mha and self.out_proj.bias is not None:
+            bias_backup = store_weights_backup(self.out_proj.bias)
+        elif getattr(self, "bias", None) is not None:
+            bias_backup = store_weights_backup(self.bias)
+        else:
+            bias_backup = None
         if bias_backup is not None and current_names != ():
             raise RuntimeError("no backup bias found and current bias are not unchanged")
         self.network_bias_backup = bias_backup
@@ -195,22 +265,23 @@ def network_apply_weights(self):
     network_restore_weights_from_backup(self)
     for net in loaded_networks:
         module = net.modules.get(layer_name)
-        if module is None:
+        if module is not None and hasattr(self, "weight"):
+            try:
+                with torch.no_grad():
+                    _merge_one(self, module)
+            except RuntimeError as e:
+                _count_error(net, layer_name, e)
             continue
-        try:
-            with torch.no_grad():
-                weight, bias = self.weight, self.bias
-                updown, ex_bias = module.calc_updown(weight)
-                self.weight.copy_((weight.to(dtype=updown.dtype) + updown).to(dtype=self.weight.dtype))
-                if ex_bias is not None and hasattr(self, "bias"):
-                    if self.bias is None:
-                        self.bias = torch.nn.Parameter(ex_bias).to(self.weight.dtype)
-                    else:
-                        self.bias.copy_((bias + ex_bias).to(dtype=self.bias.dtype))
-        except RuntimeError as e:
-            logging.debug(f"Network {net.name} layer {layer_name}: {e}")
-            if extra_network_lora is not None:
-                extra_network_lora.errors[net.name] = extra_network_lora.errors.get(net.name, 0) + 1
+        qkvo = [net.modules.get(f"{layer_name}_{x}_proj") for x in ("q", "k", "v", "out")]
+        if mha and all(qkvo):
+            try:
+                with torch.no_grad():
+                    _merge_mha(self, *qkvo)
+            except RuntimeError as e:
+                _count_error(net, layer_name, e)
+            continue
+        if module is not None:
+            _count_error(net, layer_name, "couldn't find supported operation")
     self.network_current_names = wanted_names
 
 
@@ -258,6 +329,16 @@ def network_Conv2d_forward(self, input):
 def network_Conv2d_load_state_dict(self, *args, **kwargs):
     network_reset_cached_weight(self)
     return originals.Conv2d_load_state_dict(self, *args, **kwargs)
+
+
+def network_MultiheadAttention_forward(self, *args, **kwargs):
+    network_apply_weights(self)  # merged even in functional mode
+    return originals.MultiheadAttention_forward(self, *args, **kwargs)
+
+
+def network_MultiheadAttention_load_state_dict(self, *args, **kwargs):
+    network_reset_cached_weight(self)
+    return originals.MultiheadAttention_load_state_dict(self, *args, **kwargs)
 
 
 def process_network_files(names=None):

@@ -53,10 +53,22 @@ class ScriptRunner:
                 s.alwayson = True
                 self.alwayson_scripts.append(s)
 
-    def after_extra_networks_activate(self, p, **kwargs):
+    def _run(self, method, p, **kwargs):
         for script in self.alwayson_scripts:
             try:
                 script_args = p.script_args[script.args_from:script.args_to]
-                script.after_extra_networks_activate(p, *script_args, **kwargs)
+                getattr(script, method)(p, *script_args, **kwargs)
             except Exception:
-                errors.report(f"Error running after_extra_networks_activate: {script.filename}", exc_info=True)
+                errors.report(f"Error running {method}: {script.filename}", exc_info=True)
+
+    def before_process(self, p):
+        self._run("before_process", p)
+
+    def process(self, p):
+        self._run("process", p)
+
+    def before_process_batch(self, p, **kwargs):
+        self._run("before_process_batch", p, **kwargs)
+
+    def after_extra_networks_activate(self, p, **kwargs):
+        self._run("after_extra_networks_activate", p, **kwargs)

@@ -58,7 +58,31 @@ options_templates = {
     "extra_networks_default_multiplier": OptionInfo(1.0, "Default multiplier"),
 }
 
+class PromptStyles:
+    """Like modules.styles.StyleDatabase: a style's text holds "{prompt}" or is appended with ", "."""
+
+    def __init__(self):
+        self.styles = {}  # name → (prompt, negative prompt)
+
+    @staticmethod
+    def _merge(style, prompt):
+        if "{prompt}" in style:
+            return style.replace("{prompt}", prompt)
+        return ", ".join(x for x in (prompt.strip(), style.strip()) if x)
+
+    def apply_styles_to_prompt(self, prompt, styles):
+        for name in styles:
+            prompt = self._merge(self.styles.get(name, ("", ""))[0], prompt)
+        return prompt
+
+    def apply_negative_styles_to_prompt(self, prompt, styles):
+        for name in styles:
+            prompt = self._merge(self.styles.get(name, ("", ""))[1], prompt)
+        return prompt
+
+
 opts = Options(options_templates)
+prompt_styles = PromptStyles()
 cmd_opts = SimpleNamespace(lora_dir=os.path.join(os.getcwd(), "models", "Lora"), lyco_dir_backcompat=None)
 sd_model = None
 
