@@ -3,6 +3,7 @@ hashes and safe output names. Every bad input raises ``OrthoLoraError`` naming t
 from __future__ import annotations
 
 import ctypes
+import errno
 import io
 import hashlib
 import json
@@ -12,10 +13,11 @@ import pickle
 import threading
 import zipfile
 from abc import ABC, abstractmethod
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import BinaryIO, Callable, Iterator, Mapping
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import numpy
 import safetensors.torch
@@ -27,6 +29,8 @@ from .errors import OrthoLoraError, printable
 from .memory import large_buffers_unmapped_on_free, trim
 from .outputs import atomic_output, write_error
 from .paths import SAFETENSORS, TORCH_SUFFIXES, PathLike
+
+_T = TypeVar("_T")
 
 # Caps on what a header can cost. A full SDXL checkpoint's header is 0.36 MB (2,515 tensors);
 # kohya training metadata (tag frequencies of a large dataset, an embedded thumbnail) adds at most a
@@ -94,8 +98,21 @@ class TensorFile(ABC):
         return math.prod(shape) * dtype.itemsize
 
     @abstractmethod
-    def get(self, key: str) -> torch.Tensor:
-        """The tensor named ``key`` (a CPU tensor of ``dtype(key)`` and ``shape(key)``)."""
+    def get(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor named ``key`` (a CPU tensor of ``dtype(key)`` and ``shape(key)``).
+
+        ``buffer`` (a contiguous CPU tensor of at least ``nbytes(key)`` bytes, e.g. from a
+        ``memory.Workspace``) lets a reader put the data there instead of in fresh memory: the
+        result may then be a view of it, valid only until the buffer is reused."""
+
+    def prefetch(self, key: str) -> None:
+        """Hint that ``key`` will be read soon, so that the OS can start reading it from disk
+        (no memory of this process is used; a no-op where there is nothing to gain)."""
+
+    def stored(self, key: str) -> FileSlice | None:
+        """``key``'s bytes as stored, for the streamed writer to copy unchanged from file to file;
+        None where the file cannot hand them out that way."""
+        return None
 
     @abstractmethod
     def close(self) -> None:
@@ -119,37 +136,124 @@ class SafetensorsFile(TensorFile):
             self._file.close()
             raise
         self._offsets = {name: begin for name, (_, _, begin) in entries.items()}
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._readers = 0
         super().__init__(path, {k: (d, s) for k, (d, s, _) in entries.items()}, metadata)
 
-    def get(self, key: str) -> torch.Tensor:
-        """Read one tensor (a fresh CPU tensor that owns its memory)."""
+    def get(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor: into fresh memory that the result owns, or into ``buffer`` (then the
+        result is a view of it)."""
         dtype, shape = self._entry(key)
         count = self.nbytes(key)
-        if count == 0:
-            return torch.empty(shape, dtype=dtype)
-        buf = bytearray(count)
-        view = memoryview(buf)
+        if buffer is None:
+            buffer = torch.empty(count, dtype=torch.uint8)  # no zero-fill: every byte is read over
+        elif buffer.device.type != "cpu" or not buffer.is_contiguous() or buffer.nbytes < count:
+            raise ValueError(f"buffer for {key!r} must be a contiguous CPU tensor of ≥ {count} bytes")
+        data = buffer.view(-1).view(torch.uint8)[:count]
+        if count:
+            self._read_into(key, _tensor_bytes(data))
+        return data.view(dtype).view(shape)
+
+    def prefetch(self, key: str) -> None:
+        """Ask the kernel to read ``key``'s bytes into the page cache in the background."""
+        advise = getattr(os, "posix_fadvise", None)
+        count = self.nbytes(key)
+        if advise is None or not count:
+            return
+        with self._lock:
+            if not self._file.closed:
+                try:
+                    advise(self._file.fileno(), self._data_start + self._offsets[key], count,
+                           os.POSIX_FADV_WILLNEED)
+                except OSError:  # only a hint
+                    pass
+
+    def stored(self, key: str) -> FileSlice:
+        self._entry(key)
+        return FileSlice(self, key, self._data_start + self._offsets[key], self.nbytes(key))
+
+    def _read_into(self, key: str, view: memoryview) -> None:
+        self._read_at(self._data_start + self._offsets[key], view, key)
+
+    def _read_at(self, position: int, view: memoryview, key: str) -> None:
+        """Fill ``view`` from byte ``position`` of the file (part of tensor ``key``). Threads read
+        at once where the OS reads at an offset (preadv); ``close`` waits for running reads."""
+        preadv = getattr(os, "preadv", None)
         with self._lock:
             if self._file.closed:
                 raise OrthoLoraError("file is closed", self.path)
-            try:
-                self._file.seek(self._data_start + self._offsets[key])
-                done = 0
-                while done < count:
-                    got = self._file.readinto(view[done:])
-                    if not got:
-                        raise OrthoLoraError(f"file ended inside tensor {key!r} (changed since it "
-                                             "was opened?)", self.path)
-                    done += got
-            except OSError as err:
-                raise OrthoLoraError(f"cannot read tensor {key!r}: {err.strerror or err}",
-                                     self.path) from err
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+            if preadv is None:
+                return self._read_serial(position, view, key)
+            self._readers += 1
+        try:
+            done = 0
+            while done < len(view):
+                got = preadv(self._file.fileno(), [view[done:]], position + done)
+                if not got:
+                    raise OrthoLoraError(f"file ended inside tensor {key!r} (changed since it was "
+                                         "opened?)", self.path)
+                done += got
+        except OSError as err:
+            raise OrthoLoraError(f"cannot read tensor {key!r}: {err.strerror or err}", self.path) from err
+        finally:
+            with self._lock:
+                self._readers -= 1
+                self._lock.notify_all()
+
+    def _read_serial(self, position: int, view: memoryview, key: str) -> None:
+        """``_read_at`` by seek and read (under the lock)."""
+        try:
+            self._file.seek(position)
+            done = 0
+            while done < len(view):
+                got = self._file.readinto(view[done:])
+                if not got:
+                    raise OrthoLoraError(f"file ended inside tensor {key!r} (changed since it "
+                                         "was opened?)", self.path)
+                done += got
+        except OSError as err:
+            raise OrthoLoraError(f"cannot read tensor {key!r}: {err.strerror or err}",
+                                 self.path) from err
 
     def close(self) -> None:
         with self._lock:
+            self._lock.wait_for(lambda: not self._readers)
             self._file.close()
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """The stored bytes of tensor ``key``: ``nbytes`` from byte ``offset`` of ``source``."""
+
+    source: SafetensorsFile
+    key: str
+    offset: int
+    nbytes: int
+
+    def copy_to(self, out: io.FileIO, target: Path, chunk: memoryview) -> None:
+        """Append the bytes to ``out``: by copy_file_range (in the kernel, no user memory) where
+        the OS offers it between these files, else through ``chunk``."""
+        position, left = self.offset, self.nbytes
+        copy = getattr(os, "copy_file_range", None)
+        try:
+            while left and copy is not None:
+                got = copy(self.source._file.fileno(), out.fileno(), left, position)
+                if not got:
+                    raise OrthoLoraError(f"file ended inside tensor {self.key!r} (changed since it was "
+                                         "opened?)", self.source.path)
+                position, left = position + got, left - got
+        except OSError as err:
+            if err.errno not in _NO_KERNEL_COPY:
+                raise write_error(err, target) from err
+        while left:
+            part = chunk[:min(left, len(chunk))]
+            self.source._read_at(position, part, self.key)
+            _write_all(out, part, target)
+            position, left = position + len(part), left - len(part)
+
+
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF,
+                   errno.EPERM}
 
 
 class DictTensorFile(TensorFile):
@@ -159,8 +263,9 @@ class DictTensorFile(TensorFile):
         self._tensors = tensors
         super().__init__(path, {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, {})
 
-    def get(self, key: str) -> torch.Tensor:
-        """The stored tensor (shared, not a copy: do not modify it in place)."""
+    def get(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored tensor (shared, not a copy: do not modify it in place; ``buffer`` is not
+        needed)."""
         self._entry(key)
         if key not in self._tensors:
             raise OrthoLoraError("file is closed", self.path)
@@ -168,6 +273,17 @@ class DictTensorFile(TensorFile):
 
     def close(self) -> None:
         self._tensors = {}
+
+
+def prefetched(items: Iterable[_T], files: Iterable[TensorFile], key: Callable[[_T], str]) -> Iterator[_T]:
+    """The items in order, the tensor ``key(item)`` of each file announced to the OS (``prefetch``)
+    as the item is handed out: a consumer that draws a few items ahead of its work has the page
+    cache fill while earlier items are processed."""
+    files = tuple(files)
+    for item in items:
+        for f in files:
+            f.prefetch(key(item))
+        yield item
 
 
 def open_tensors(path: PathLike | bytes) -> TensorFile:
@@ -494,8 +610,16 @@ def _safetensors_header(specs: list[TensorSpec], metadata: dict[str, str], targe
     return len(text).to_bytes(8, "little") + text
 
 
-def _conform(tensor: object, spec: TensorSpec, target: Path) -> torch.Tensor:
-    """Check a produced tensor's shape; return it contiguous, on the CPU, in the spec dtype."""
+def _conform(tensor: object, spec: TensorSpec, target: Path) -> torch.Tensor | FileSlice:
+    """Check a produced tensor's shape; return it contiguous, on the CPU, in the spec dtype (a
+    FileSlice passes when its source holds the spec's dtype and shape)."""
+    if isinstance(tensor, FileSlice):
+        src = tensor.source
+        if (src.dtype(tensor.key), src.shape(tensor.key)) != (spec.dtype, tuple(spec.shape)):
+            raise OrthoLoraError(f"tensor {spec.name!r}: stored as {src.dtype(tensor.key)} "
+                                 f"{src.shape(tensor.key)}, not the announced {spec.dtype} {tuple(spec.shape)}",
+                                 target)
+        return tensor
     if not isinstance(tensor, torch.Tensor):
         raise OrthoLoraError(f"tensor {spec.name!r}: got {type(tensor).__name__}, not a tensor",
                              target)
@@ -510,7 +634,6 @@ def _conform(tensor: object, spec: TensorSpec, target: Path) -> torch.Tensor:
 _LAYOUT_ORDER = {name: i for i, name in enumerate(
     ("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL"))}
 _LEGACY_WINDOW = (0x100000, 0x110000)
-_HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 
 
 def layout_order(spec: TensorSpec) -> tuple[int, str]:
@@ -542,29 +665,39 @@ class _Hashes:
 
 
 class SafetensorsWriter:
-    """A safetensors file written tensor by tensor in the order of `specs` (`write(name, tensor)`;
-    each tensor is cast to its spec's dtype, written and dropped), into the claimed temp file of
-    `path` (`outputs.atomic_output`: published with the run that claimed it, else when the writer
-    closes without error). With `hashed`, the metadata gets the sshs hashes (`_Hashes`) of the data
-    as written: the header goes out with placeholders of the same length and is rewritten in place
-    at `close`, which returns the final metadata."""
+    """A safetensors file written tensor by tensor in the order of `specs`: `write(name, tensor)`
+    casts a tensor to its spec's dtype and hands it to a writer thread, which appends it (`_Sink`)
+    while the caller produces the next one (the disk works while the caller computes), then drops
+    it: at most two tensors are held. A tensor may also be a `FileSlice` (passed through unchanged:
+    copied file to file). `written(name)`, when given, is called (from the writer thread) once a
+    tensor is written: a producer that hands out views of reused buffers may reuse them then, and
+    not before. Write errors surface at the next call at the latest.
+
+    The file is the claimed temp file of `path` (`outputs.atomic_output`: published with the run
+    that claimed it, else when the writer closes without error). With `hashed`, the metadata gets
+    the sshs hashes (`_Hashes`, computed on the writer thread) of the data as written: the header
+    goes out with placeholders of the same length and is rewritten in place at `close`, which
+    returns the final metadata."""
 
     def __init__(self, path: PathLike, specs: list[TensorSpec], metadata: Mapping[str, str] | None = None,
-                 overwrite: bool = False, hashed: bool = False):
+                 overwrite: bool = False, hashed: bool = False, written: Callable[[str], None] | None = None):
         self.target = Path(path)
         self.specs = list(specs)
         self.metadata = _check_metadata_out(metadata, self.target)
-        self._hashes = None
+        hashes = None
         if hashed:
             self.metadata.update({"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8})
-            self._hashes = _Hashes(_safetensors_header(self.specs, _training(self.metadata), self.target, True))
+            hashes = _Hashes(_safetensors_header(self.specs, _training(self.metadata), self.target, True))
         self._head = _safetensors_header(self.specs, self.metadata, self.target)
-        self._done = 0
+        self._done = self._produced = 0
+        self._pending: Future | None = None
         self._stack = ExitStack()
         try:
             tmp = self._stack.enter_context(atomic_output(self.target, overwrite, SAFETENSORS))
             self._file = self._stack.enter_context(_open_temp(tmp, self.target))
             _write_all(self._file, self._head, self.target)
+            self._sink = _Sink(self._file, self.target, len(self._head), written, hashes)
+            self._thread = self._stack.enter_context(ThreadPoolExecutor(max_workers=1))
         except BaseException as err:
             self._stack.__exit__(type(err), err, err.__traceback__)
             raise
@@ -576,32 +709,39 @@ class SafetensorsWriter:
         if exc_type is None:
             self.close()
         else:
-            self._stack.__exit__(exc_type, exc, tb)
+            self._stack.__exit__(exc_type, exc, tb)  # waits for the writer thread, removes the temp file
 
     @property
     def next_name(self) -> str | None:
         """The name of the tensor to write next (None when all are written)."""
         return self.specs[self._done].name if self._done < len(self.specs) else None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor | FileSlice) -> None:
         if name != self.next_name:
             raise OrthoLoraError(f"tensor {name!r} written out of order (expected {self.next_name!r})", self.target)
-        data = _conform(tensor, self.specs[self._done], self.target)
-        view = _tensor_bytes(data)
-        if self._hashes is not None:
-            self._hashes.update(view)
-        _write_all(self._file, view, self.target)
+        item = _conform(tensor, self.specs[self._done], self.target)
+        self._wait()
+        self._pending = self._thread.submit(self._sink.write, name, item)
         self._done += 1
+        self._produced += item.nbytes
+        del item
+        if self._produced >= WRITEBACK_BYTES:  # hand dropped tensors' heap pages back now and then
+            trim()
+            self._produced = 0
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
 
     def close(self) -> dict[str, str]:
         """Finish the file (every spec must have been written); returns its metadata."""
-        if self.next_name is not None:
-            err = OrthoLoraError(f"tensor {self.next_name!r} was never written", self.target)
-            self._stack.__exit__(type(err), err, None)
-            raise err
         try:
-            if self._hashes is not None:
-                self.metadata.update(self._hashes.hexdigests())
+            if self.next_name is not None:
+                raise OrthoLoraError(f"tensor {self.next_name!r} was never written", self.target)
+            self._wait()
+            if self._sink.hashes is not None:
+                self.metadata.update(self._sink.hashes.hexdigests())
                 head = _safetensors_header(self.specs, self.metadata, self.target)
                 if len(head) != len(self._head):  # placeholders of the hashes' own length: cannot happen
                     raise OrthoLoraError("header changed length when the hashes were filled in", self.target)
@@ -615,15 +755,59 @@ class SafetensorsWriter:
 
 
 def write_safetensors_streamed(path: PathLike, specs: list[TensorSpec],
-                               produce: Callable[[str], torch.Tensor],
+                               produce: Callable[[str], torch.Tensor | FileSlice],
                                metadata: Mapping[str, str] | None = None,
-                               overwrite: bool = False) -> None:
-    """Write a safetensors file tensor by tensor: ``produce(name)`` is called once per spec, in
-    order, and its result written and dropped, so peak memory is one tensor."""
-    with SafetensorsWriter(path, specs, metadata, overwrite) as writer:
+                               overwrite: bool = False,
+                               written: Callable[[str], None] | None = None) -> None:
+    """Write a safetensors file tensor by tensor (`SafetensorsWriter`): ``produce(name)`` is called
+    once per spec, in order, its result written while the next one is produced, then dropped:
+    peak memory is two tensors. ``written``: see `SafetensorsWriter`."""
+    with SafetensorsWriter(path, specs, metadata, overwrite, written=written) as writer:
         for spec in specs:
             writer.write(spec.name, produce(spec.name))
-            trim()  # hand the dropped tensor's pages back before producing the next one
+
+
+WRITEBACK_BYTES = 64 << 20
+
+
+class _Sink:
+    """Appends tensors' bytes to an open file (feeding `hashes` on the way, when given). Every
+    WRITEBACK_BYTES it hands the file's last two windows to POSIX_FADV_DONTNEED, which starts
+    writeback of the newest (dirty) one and drops the pages of the one before, written back by
+    then: the disk works while the next tensors are produced instead of all at the final fsync, the
+    output does not crowd other files out of the page cache, and new page-cache pages are recycled
+    ones (a first touch of never-used memory costs ~3× the copy on a VM). A hint only: a no-op
+    where unsupported."""
+
+    def __init__(self, file: io.FileIO, target: Path, offset: int, written: Callable[[str], None] | None,
+                 hashes: _Hashes | None = None):
+        self.file, self.target, self.done, self.hashes = file, target, written, hashes
+        self.written, self.windows = offset, [0, 0]  # starts of the last two windows
+        self.chunk: memoryview | None = None
+
+    def write(self, name: str, item: torch.Tensor | FileSlice) -> None:
+        if isinstance(item, FileSlice):
+            if self.hashes is not None:
+                raise OrthoLoraError(f"tensor {name!r}: a hashed file cannot copy stored bytes", self.target)
+            self.chunk = self.chunk or memoryview(bytearray(8 << 20))
+            item.copy_to(self.file, self.target, self.chunk)
+        else:
+            view = _tensor_bytes(item)
+            if self.hashes is not None:
+                self.hashes.update(view)
+            _write_all(self.file, view, self.target)
+        self.written += item.nbytes
+        if self.done is not None:
+            self.done(name)
+        if self.written - self.windows[1] >= WRITEBACK_BYTES:
+            advise = getattr(os, "posix_fadvise", None)
+            try:
+                if advise is not None:
+                    advise(self.file.fileno(), self.windows[0], self.written - self.windows[0],
+                           os.POSIX_FADV_DONTNEED)
+            except (AttributeError, OSError, ValueError):
+                pass
+            self.windows = [self.windows[1], self.written]
 
 
 def _training(metadata: Mapping[str, str]) -> dict[str, str]:
