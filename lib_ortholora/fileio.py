@@ -721,7 +721,10 @@ class SafetensorsWriter:
             raise OrthoLoraError(f"tensor {name!r} written out of order (expected {self.next_name!r})", self.target)
         item = _conform(tensor, self.specs[self._done], self.target)
         self._wait()
-        self._pending = self._thread.submit(self._sink.write, name, item)
+        if item.nbytes < INLINE_BYTES:  # cheaper written here than handed to the thread (an alpha)
+            self._sink.write(name, item)
+        else:
+            self._pending = self._thread.submit(self._sink.write, name, item)
         self._done += 1
         self._produced += item.nbytes
         del item
@@ -768,6 +771,7 @@ def write_safetensors_streamed(path: PathLike, specs: list[TensorSpec],
 
 
 WRITEBACK_BYTES = 64 << 20
+INLINE_BYTES = 64 << 10  # smaller tensors are written by the caller (after the thread's last one)
 
 
 class _Sink:

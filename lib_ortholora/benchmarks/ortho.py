@@ -2,7 +2,8 @@
 convs included, real widths), each dW_k = a_k·S + P_k with a shared rank-8 S and a private rank-24
 P_k; default options (per-layer λ, shared + secondary + residuals, exact rank, fp16). Figures:
 time, peak RSS, output sizes, alignment, and the rebuild error residual_k + λ_k·shared vs input_k
-on sampled layers (fp16 files)."""
+on sampled layers (fp16 files). As a CLI command: the same run.
+Target: ≤ 2 GB peak RSS and ≤ 30 s on an idle 2-core machine."""
 from __future__ import annotations
 
 import json
@@ -39,6 +40,21 @@ def prepare(workdir: Path, arch: str, full: bool) -> dict:
         for path, form in zip(paths, forms):
             write_lora(path, form, arch, torch.float16, overwrite=True)
     return {"inputs": [str(p) for p in paths], "out": str(workdir / f"{arch}_ortho_out")}
+
+
+def command(prepared: dict) -> list[str]:
+    return ["ortho", *prepared["inputs"], "-o", prepared["out"], "--overwrite", "--quiet"]
+
+
+def inputs(prepared: dict) -> list[str]:
+    return prepared["inputs"]
+
+
+def output(prepared: dict) -> list[str]:
+    """The default outputs: shared, direction 2 and one residual per input."""
+    stems = [Path(p).stem for p in prepared["inputs"]]
+    names = ["ortho_shared", "ortho_direction2"] + [f"{stem}_ortho_residual" for stem in stems]
+    return [str(Path(prepared["out"]) / f"{n}.safetensors") for n in names]
 
 
 def _rebuild_error(report, prepared: dict) -> float:
