@@ -45,11 +45,16 @@ class LowRank:
         alpha = float(r) if alpha is None else float(alpha)
         root = math.sqrt(abs(self.scale) * r / alpha)
         layout = kohya_layout(name, self.shape, r, dtype, alpha)
-        up = self.up.float() * (root if self.scale >= 0 else -root)
-        down = self.down.float() * root
+        up = _wide(self.up) * (root if self.scale >= 0 else -root)
+        down = _wide(self.down) * root
         return {f"{name}.lora_down.weight": down.reshape(layout[f"{name}.lora_down.weight"][1]).to(dtype).contiguous(),
                 f"{name}.lora_up.weight": up.reshape(layout[f"{name}.lora_up.weight"][1]).to(dtype).contiguous(),
                 f"{name}.alpha": _alpha_tensor(alpha, dtype)}
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t itself when float32 or float64 (scaled, then rounded once to the file's dtype), else as float32."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def kohya_layout(name: str, shape: tuple[int, ...], rank: int, dtype: torch.dtype, alpha: float

@@ -159,7 +159,7 @@ class Layer:
 
     def form(self, w: torch.Tensor, ranks: Sequence[int]) -> list[LowRank | None]:
         """Σ_k w_ik·dW_k truncated to ranks[i] directions (from `plan`), as balanced factors (scale 1,
-        float32; None at rank 0), formed in float64 as U·(ω_i·L·√S) and (√S·R)·D: the factors of
+        float64; None at rank 0), formed in float64 as U·(ω_i·L·√S) and (√S·R)·D: the factors of
         different inputs may cancel (a shared part is collinear across the inputs), by ~100× in the
         benchmark's LoRAs, which float32 products would turn into errors near fp16's rounding."""
         if not any(ranks):
@@ -168,7 +168,7 @@ class Layer:
         root = sp.sqrt()
         ups = torch.cat([omega[i, :, None] * left[i, :, :r] * root[i, :r] for i, r in enumerate(ranks)], 1)
         downs = torch.cat([root[i, :r, None] * right[i, :r] for i, r in enumerate(ranks)])
-        up, down = (self.lr.up @ ups).float(), (downs @ self.lr.down).float()
+        up, down = self.lr.up @ ups, downs @ self.lr.down  # float64 (rounded once, to the file's dtype)
         return [LowRank(u, d, 1.0, self.lr.shape) if r else None
                 for u, d, r in zip(up.split(list(ranks), 1), down.split(list(ranks), 0), ranks)]
 
