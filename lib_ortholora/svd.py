@@ -20,8 +20,8 @@ Accuracy, measured against a float64 SVD of the formed product of float32 factor
 1e4 (κ = ‖up‖·‖down‖/‖ΔW‖ ≫ 1); a float32 QR of the factors (the former derivation) gives σ_i only
 to ~1e-7·σ_1 and ~3e-5·σ_1 there. L and R are applied to the factors in float32 (`Factored`; the
 error of a formed direction is the float32 rounding of that product, ~1e-7·κ) or, by a caller that
-needs more, in float64 (ortho). The Grams cost one float64 product per factor, about half the time
-of a float32 QR on CPU. The same core, with G_u scaled by a weight per rank column, decomposes any
+needs more, in float64 (ortho). The Grams cost one float64 product per factor, about the time of
+a float32 QR on CPU (measured: 1.7 vs 1.5 ms for up [1280, 128], 4.9 vs 5.5 ms for down [128, 5120]). The same core, with G_u scaled by a weight per rank column, decomposes any
 weighted sum of concatenated LoRAs (`core_svd` over a batch of weights; ortho).
 """
 from __future__ import annotations
@@ -82,9 +82,11 @@ GRAM_CHUNK_BYTES = 1 << 19  # float64 rows converted at a time: small buffers th
 
 def gram(x: torch.Tensor, rows: bool = False) -> torch.Tensor:
     """xᵀ·x for x [m, r], or with `rows` x·xᵀ for x [r, n], in float64 for x of any float dtype (a
-    view is fine), accumulated over chunks of x's long side so that the float64 copy is never more
+    view is fine); below float64, accumulated over chunks of x's long side so that the float64 copy is never more
     than GRAM_CHUNK_BYTES. The chunk is copied so that the product reads it along its rows: for
     x = down [r, n] (`rows`) that is twice as fast as the Gram of the transposed view."""
+    if x.dtype == torch.float64:
+        return x @ x.T if rows else x.T @ x
     r, n = (x.shape[0], x.shape[1]) if rows else (x.shape[1], x.shape[0])
     step = max(1, GRAM_CHUNK_BYTES // (8 * max(r, 1)))
     out = torch.zeros(r, r, dtype=torch.float64, device=x.device)

@@ -3,7 +3,7 @@ base-aware recipes with a cold and a warm norm cache, a kohya-equivalent sv_rati
 run (streams the base), an SD1.5 rank-32 → 16 resize against the dense SVD kohya's script does,
 and σ_max methods on full-size layers. Each phase runs in its own process (benchmarks.in_child: its
 own peak RSS). The cold run starts from a cold page cache too and is set beside reading the base
-once from a cold page cache (`x_base_read`; target ≤ 1.5). As a CLI command: the three recipes
+once from a cold page cache (`cold_x_base_read`; target ≤ 1.5). As a CLI command: the three recipes
 with a warm norm cache (its own cache folder, filled when the inputs are prepared)."""
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def measure(workdir: Path, arch: str, prepared: dict) -> dict:
     drop_cache([base, lora])
     figures["cold"] = cold = in_child(_resize, lora, str(out), RECIPES, base, str(cache))
     if "wall_s" in cold and figures["base_read_cold_s"] > 0:
-        cold["x_base_read"] = round(cold["wall_s"] / figures["base_read_cold_s"], 2)
+        figures["cold_x_base_read"] = round(cold["wall_s"] / figures["base_read_cold_s"], 2)
     figures["warm"] = in_child(_resize, lora, str(out), RECIPES, base, str(cache))
     figures["kohya_sv_ratio"] = in_child(_resize, lora, str(out), KOHYA, None, str(cache))
     figures["subspace_warm"] = in_child(_resize, lora, str(out), SUBSPACE, base, str(cache))
