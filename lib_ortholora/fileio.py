@@ -703,14 +703,40 @@ def _owned_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def _hashes_of(blob: bytes) -> dict[str, str]:
+def _read_exactly(file: io.FileIO, position: int, view: memoryview) -> memoryview:
+    """``view`` filled from byte ``position`` of ``file``."""
+    file.seek(position)
+    done = 0
+    while done < len(view):
+        got = file.readinto(view[done:])
+        if not got:
+            raise OSError(errno.EIO, "file ended early")
+        done += got
+    return view
+
+
+def _hashes_of(file: io.FileIO, chunk: memoryview) -> dict[str, str]:
     """kohya's ``sshs_model_hash``/``sshs_legacy_hash`` of a file saved with the ss_* metadata:
-    model hash = sha256 of the data section, legacy = sha256 of bytes [1 MiB, 1 MiB + 64 KiB)."""
-    data_start = 8 + int.from_bytes(blob[:8], "little")
-    return {
-        "sshs_model_hash": hashlib.sha256(memoryview(blob)[data_start:]).hexdigest(),
-        "sshs_legacy_hash": hashlib.sha256(memoryview(blob)[0x100000:0x110000]).hexdigest()[:8],
-    }
+    model hash = sha256 of the data section, legacy = sha256 of bytes [1 MiB, 1 MiB + 64 KiB);
+    read through ``chunk``."""
+    size = os.fstat(file.fileno()).st_size
+    model = hashlib.sha256()
+    position = 8 + int.from_bytes(_read_exactly(file, 0, chunk[:8]), "little")
+    while position < size:
+        model.update(_read_exactly(file, position, chunk[:size - position]))
+        position += min(len(chunk), size - position)
+    legacy = _read_exactly(file, 0x100000, chunk[:max(0, min(0x10000, size - 0x100000))])
+    return {"sshs_model_hash": model.hexdigest(), "sshs_legacy_hash": hashlib.sha256(legacy).hexdigest()[:8]}
+
+
+def _shift(file: io.FileIO, start: int, end: int, by: int, chunk: memoryview, target: Path) -> None:
+    """Move bytes [start, end) of ``file`` by ``by`` bytes (either way) through ``chunk``, each
+    span read before anything is written over it."""
+    spans = [(p, min(len(chunk), end - p)) for p in range(start, end, len(chunk))]
+    for position, count in (reversed(spans) if by > 0 else spans):
+        part = _read_exactly(file, position, chunk[:count])
+        file.seek(position + by)
+        _write_all(file, part, target)
 
 
 def _training(metadata: Mapping[str, str]) -> dict[str, str]:
@@ -720,20 +746,34 @@ def _training(metadata: Mapping[str, str]) -> dict[str, str]:
 def save_lora_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
                           metadata: Mapping[str, str], overwrite: bool = False) -> dict[str, str]:
     """Save a (LoRA-sized) file with fresh sshs hashes in its metadata; return that metadata.
-    Serialized once: the hashed ss_*-only file and the final one share the data section."""
+    safetensors writes the file straight from the tensors with the ss_*-only metadata that the
+    hashes are taken of; then its header is replaced by the final one (the data moved in place
+    through a small buffer): no serialized copy of the file is ever held in memory."""
     target = Path(path)
     final = _check_metadata_out(metadata, target)
+    chunk = memoryview(bytearray(8 << 20))
     with atomic_output(target, overwrite, SAFETENSORS) as tmp:
-        blob = safetensors.torch.save(_owned_tensors(tensors), _training(final))
-        final.update(_hashes_of(blob))
-        n = int.from_bytes(blob[:8], "little")
-        header = json.loads(blob[8:8 + n])
-        header["__metadata__"] = final
-        head = json.dumps(header, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)
-        with _open_temp(tmp, target) as file:
-            _write_all(file, len(head).to_bytes(8, "little") + head, target)
-            _write_all(file, memoryview(blob)[8 + n:], target)
+        try:
+            safetensors.torch.save_file(_owned_tensors(tensors), str(tmp), _training(final))
+        except OSError as err:
+            raise write_error(err, target) from err
+        except safetensors.SafetensorError as err:
+            raise OrthoLoraError(f"cannot write: {err}", target) from err
+        try:
+            with open(tmp, "r+b", buffering=0) as file:
+                final.update(_hashes_of(file, chunk))
+                n = int.from_bytes(_read_exactly(file, 0, chunk[:8]), "little")
+                header = json.loads(bytes(_read_exactly(file, 8, memoryview(bytearray(n)))))
+                header["__metadata__"] = final
+                head = json.dumps(header, separators=(",", ":")).encode()
+                head += b" " * (-len(head) % 8)
+                size = os.fstat(file.fileno()).st_size
+                _shift(file, 8 + n, size, len(head) - n, chunk, target)
+                file.seek(0)
+                _write_all(file, len(head).to_bytes(8, "little") + head, target)
+                file.truncate(size + len(head) - n)
+        except OSError as err:
+            raise write_error(err, target) from err
     return final
 
 
