@@ -12,11 +12,9 @@ layers, so every figure of a scope is that of the deltas flattened and concatena
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
-
-from .lowrank import LowRank, concat
 
 
 def block_sums(m: torch.Tensor, owner: torch.Tensor, k: int) -> torch.Tensor:
@@ -30,14 +28,6 @@ def gram_of_grams(gu: torch.Tensor, gd: torch.Tensor, owner: torch.Tensor, k: in
     """G_ij = ⟨dW_i, dW_j⟩_F (float64 [K, K]) from the Grams UᵀU and D·Dᵀ of the concatenated form
     U·D = Σ_k dW_k (`lowrank.concat`): the block sums of (UᵀU) ⊙ (D·Dᵀ); rows of absent parts are 0."""
     return block_sums(gu * gd, owner, k)
-
-
-def gram(parts: Sequence[LowRank | None]) -> torch.Tensor:
-    """G_ij = ⟨dW_i, dW_j⟩_F (float64 [K, K]) from the factors, never forming a dW (`gram_of_grams`)."""
-    if all(p is None for p in parts):
-        return torch.zeros(len(parts), len(parts), dtype=torch.float64)
-    lr, owner = concat(parts, dtype=torch.float64)
-    return gram_of_grams(lr.up.T @ lr.up, lr.down @ lr.down.T, owner, len(parts))
 
 
 def cosines(g: torch.Tensor) -> list[list[float | None]]:

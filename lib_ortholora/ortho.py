@@ -2,7 +2,7 @@
 
 Objective, per layer (default): min over λ ∈ R^K and a direction v of Σ_k ‖dW_k − λ_k·v‖²_F, the
 top singular pair of the K × N matrix of flattened deltas. Solved exactly from the Gram matrix
-G = [⟨dW_i, dW_j⟩] (align.gram, from the factors): G = QΛQᵀ, λ_{k,p} = √Λ_p·Q_kp and
+G = [⟨dW_i, dW_j⟩] (`Layer.gram`, from the factors): G = QΛQᵀ, λ_{k,p} = √Λ_p·Q_kp and
 v_p = Σ_k (Q_kp/√Λ_p)·dW_k, itself an exact concatenated LoRA. Direction p is the optimum after
 removing directions 1…p−1 (the seed's "secondary" is p = 2); the v_p are mutually orthogonal and
 Σ_p λ_{k,p}·v_p = dW_k over all p. Each direction's sign makes Σ_k λ_{k,p} > 0 and its scale
