@@ -771,7 +771,7 @@ def write_safetensors_streamed(path: PathLike, specs: list[TensorSpec],
 
 
 WRITEBACK_BYTES = 64 << 20
-INLINE_BYTES = 1 << 10  # smaller tensors (an alpha) are written by the caller, after the thread's last one
+INLINE_BYTES = 256 << 10  # smaller tensors are written by the caller, after the thread's last one (cheaper than a hand-off)
 
 
 class _Sink:
