@@ -383,7 +383,8 @@ def _write_outputs(run: Run, targets: dict[tuple[str, int], Path], files: list[L
         found = outputs.pop(key)
         if found:
             write_lora(path, found, arch, opts.dtype, _metadata(key, files, sols, opts),
-                       prediction=prediction.common([f.metadata for f in files]))
+                       prediction=prediction.common([f.metadata for f in files], run.report.warnings,
+                                                                 [f.path.name for f in files]))
         else:
             run.not_written(path, "it is zero in every layer")
         write.step(path.name)
