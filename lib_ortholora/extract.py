@@ -8,19 +8,20 @@ convs may follow their own policy or be left out.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import math
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from . import arch as _arch
 from . import arguments
 from .errors import OrthoLoraError
-from .fileio import TensorFile, check_finite, open_tensors
+from .fileio import TensorFile, check_finite, open_tensors, prefetched
 from .keys import Target, rows_of, targets
 from .lorafile import write_lora
 from .lowrank import LowRank, balanced
+from .memory import PerThread, Workspace
+from .parallel import parallel_map
 from .prediction import checked as checked_prediction, detect as detect_prediction
 from .progress import Progress
 from .rank import RankPolicy, as_policy
@@ -32,17 +33,43 @@ from .svd import exact_svd, truncated_svd
 SVD_METHODS = ("auto", "exact", "randomized")
 
 
-def decompose(d: torch.Tensor, shape: tuple[int, ...], policy: RankPolicy, svd: str = "auto") -> tuple[LowRank, float]:
-    """Best rank-r approximation of a delta under `policy`; returns it and its relative Frobenius error."""
+def peak(x: torch.Tensor) -> float:
+    """max|x| without an |x| temporary (NaN when x holds NaN; 0 when x is empty)."""
+    if not x.numel():
+        return 0.0
+    lo, hi = torch.aminmax(x)
+    lo, hi = float(lo), float(hi)
+    return max(-lo, hi) if lo == lo and hi == hi else math.nan
+
+
+def _sum_of_squares(x: torch.Tensor, out: torch.Tensor, scale: float) -> float:
+    """Σx², from the squares of x·scale (a power of two: exact) formed in `out` (may be x) and
+    summed by torch's cascaded float32 sum (relative error ~1e-7)."""
+    sq = torch.square(x, out=out) if scale == 1.0 else torch.mul(x, scale, out=out).square_()
+    return float(sq.sum()) / (scale * scale)
+
+
+def _safe_scale(value: float) -> float:
+    """1, or the power of two that brings `value` near 1 when its square would leave float32's range."""
+    return 1.0 if value == 0.0 or 2.0 ** -40 < value < 2.0 ** 40 else 2.0 ** -math.frexp(value)[1]
+
+
+def decompose(d: torch.Tensor, shape: tuple[int, ...], policy: RankPolicy, svd: str = "auto",
+              work: Workspace | None = None) -> tuple[LowRank, float]:
+    """Best rank-r approximation of a delta under `policy`; returns it and its relative Frobenius
+    error ‖D − U_r·S_r·V_rᴴ‖_F / ‖D‖_F. Scratch arrays of D's size come from `work` (its
+    `scratch` buffer) when given, so that a loop over layers reuses one."""
     mat = as_matrix(d)
-    energy = float(mat.double().square().sum())
+    scratch = work.take("scratch", mat.shape, mat.dtype) if work is not None else torch.empty_like(mat)
+    scale = _safe_scale(peak(mat))
+    energy = _sum_of_squares(mat, scratch, scale)
     if policy.needs_spectrum(shape) or svd == "exact":
         u, s, vh = exact_svd(mat)
     else:
         u, s, vh = truncated_svd(mat, policy.cap(shape), method=svd)
     r = policy.choose(s, shape, energy)
     u, s, vh = u[:, :r], s[:r], vh[:r]
-    residual = float((mat - (u * s) @ vh).double().square().sum()) if r else energy
+    residual = _sum_of_squares(torch.addmm(mat, u * s, vh, alpha=-1, out=scratch), scratch, scale) if r else energy
     return balanced(u, s, vh, shape), (residual / energy) ** 0.5 if energy else 0.0
 
 
@@ -55,30 +82,35 @@ def _pair_arch(base: TensorFile, tuned: TensorFile) -> tuple[_arch.Arch, dict]:
     return a, shapes
 
 
-def read_ahead(base: TensorFile, tuned: TensorFile, keys: list[str]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(base, tuned) tensors for each key in order, the next distinct key read by a background
-    thread while the caller computes (file reads release the GIL); a repeated key (q/k/v rows of
-    one in_proj) is read once. At most two layers are held."""
-    order = list(dict.fromkeys(keys))  # consecutive repeats share one read
-    fetch = lambda key: (base.get(key), tuned.get(key))  # noqa: E731
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(fetch, order[0]) if order else None
-        current_key, current, n = None, None, 0
-        for key in keys:
-            if key != current_key:
-                current_key, current, n = key, pending.result(), n + 1
-                pending = pool.submit(fetch, order[n]) if n < len(order) else None
-            yield current
+def _by_tensor(todo: list[Target]) -> list[list[Target]]:
+    """Consecutive targets of one checkpoint tensor (the q/k/v rows of an in_proj) grouped, so
+    that it is read once."""
+    groups: list[list[Target]] = []
+    for t in todo:
+        if groups and groups[-1][0].ckpt_key == t.ckpt_key:
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+    return groups
 
 
 def _layer_delta(t: Target, base: torch.Tensor, tuned: torch.Tensor, files: tuple[TensorFile, TensorFile],
-                 device: torch.device) -> torch.Tensor:
+                 work: Workspace) -> tuple[torch.Tensor, float]:
+    """D = tuned − base (float32, the `rows` block, in `work`'s `delta` buffer) and max|D|.
+    NaN/Inf in an input shows in max|D|: only then are the inputs checked, to name the file."""
     if base.shape != tuned.shape:
         raise OrthoLoraError(f"{t.ckpt_key} is {tuple(tuned.shape)} in the tuned file but "
                              f"{tuple(base.shape)} in the base", files[1].path)
-    for w, f in zip((base, tuned), files):
-        check_finite(w, t.ckpt_key, f.path)
-    return rows_of(tuned, t.rows).to(device, torch.float32) - rows_of(base, t.rows).to(device, torch.float32)
+    whole = (base, tuned)
+    tuned, base = rows_of(tuned, t.rows), rows_of(base, t.rows)
+    d = work.take("delta", tuned.shape, torch.float32).copy_(tuned)
+    d.sub_(work.take("scratch", base.shape, torch.float32).copy_(base))
+    largest = peak(d)
+    if not math.isfinite(largest):
+        for w, f in zip(whole, files):
+            check_finite(w, t.ckpt_key, f.path)
+        raise OrthoLoraError(f"tensor {t.ckpt_key}: tuned − base overflows float32", files[1].path)
+    return d, largest
 
 
 def extract(base: TensorFile, tuned: TensorFile, policy: RankPolicy, conv_policy: RankPolicy | None,
@@ -92,20 +124,42 @@ def extract(base: TensorFile, tuned: TensorFile, policy: RankPolicy, conv_policy
     report = Report("extract", totals={"architecture": arch.title, "policy": policy.describe(),
                                        "conv_policy": conv_policy.describe() if conv_policy else "off"})
     out: dict[str, LowRank] = {}
-    pairs = read_ahead(base, tuned, [t.ckpt_key for t in todo])
-    for i, t in enumerate(todo):
-        d = _layer_delta(t, *next(pairs), (base, tuned), dev)
-        peak = float(d.abs().max()) if d.numel() else 0.0
-        row = report.add(Row(t.name, extra={"block": t.block, "shape": "×".join(map(str, t.shape))}))
-        if peak <= skip:
-            row.status, row.note = Status.SKIPPED, f"unchanged: max|ΔW| = {peak:.3g} ≤ {skip:g}"
-        else:
-            layer_policy = conv_policy if (conv_policy and t.kernel > 1) else policy
-            lr, err = decompose(d, t.shape, layer_policy, svd)
-            out[t.name] = LowRank(lr.up.cpu(), lr.down.cpu(), lr.scale, lr.shape)
-            row.rank, row.rel_error = lr.rank, err
-        if progress:
-            progress(i + 1, len(todo), t.name)
+    groups = _by_tensor(todo)
+    layer_bytes = 4 * max((math.prod(t.shape) for t in todo), default=0)  # one float32 layer
+    reads = {name: max((f.nbytes(g[0].ckpt_key) for g in groups), default=0)
+             for name, f in (("base", base), ("tuned", tuned))}
+    if dev.type == "cpu":
+        host = work = PerThread(dev, {"delta": layer_bytes, "scratch": layer_bytes, **reads})
+    else:
+        host, work = PerThread("cpu", reads, pin=True), PerThread(dev, {"delta": layer_bytes, "scratch": layer_bytes})
+
+    def layers(group: list[Target]) -> list[tuple[Target, LowRank | None, float]]:
+        """(target, LowRank or None when skipped, rel. error or max|D|) for one tensor's targets."""
+        buffers, space = host.get(), work.get()
+        pair = [f.get(group[0].ckpt_key, buffers.take(name, (f.nbytes(group[0].ckpt_key),), torch.uint8))
+                for name, f in (("base", base), ("tuned", tuned))]
+        results = []
+        for t in group:
+            d, largest = _layer_delta(t, *pair, (base, tuned), space)
+            if largest <= skip:
+                results.append((t, None, largest))
+                continue
+            lr, err = decompose(d, t.shape, conv_policy if (conv_policy and t.kernel > 1) else policy, svd, space)
+            results.append((t, LowRank(lr.up.cpu(), lr.down.cpu(), lr.scale, lr.shape), err))
+        return results
+
+    done = 0
+    for results in parallel_map(layers, prefetched(groups, (base, tuned), lambda g: g[0].ckpt_key)):
+        for t, lr, value in results:
+            row = report.add(Row(t.name, extra={"block": t.block, "shape": "×".join(map(str, t.shape))}))
+            if lr is None:
+                row.status, row.note = Status.SKIPPED, f"unchanged: max|ΔW| = {value:.3g} ≤ {skip:g}"
+            else:
+                out[t.name] = lr
+                row.rank, row.rel_error = lr.rank, value
+            done += 1
+            if progress:
+                progress(done, len(todo), t.name)
     skipped = [r.module for r in report.rows if r.status == Status.SKIPPED]
     report.totals.update({"modules": len(out), "skipped": len(skipped),
                           "skipped_text_encoder": sum(n.startswith("lora_te") for n in skipped)})

@@ -3,6 +3,7 @@ hashes and safe output names. Every bad input raises ``OrthoLoraError`` naming t
 from __future__ import annotations
 
 import ctypes
+import errno
 import io
 import hashlib
 import json
@@ -12,10 +13,11 @@ import pickle
 import threading
 import zipfile
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import BinaryIO, Callable, Iterator, Mapping
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import numpy
 import safetensors.torch
@@ -27,6 +29,8 @@ from .errors import OrthoLoraError, printable
 from .memory import large_buffers_unmapped_on_free, trim
 from .outputs import atomic_output, write_error
 from .paths import SAFETENSORS, TORCH_SUFFIXES, PathLike
+
+_T = TypeVar("_T")
 
 # Caps on what a header can cost. A full SDXL checkpoint's header is 0.36 MB (2,515 tensors);
 # kohya training metadata (tag frequencies of a large dataset, an embedded thumbnail) adds at most a
@@ -94,8 +98,21 @@ class TensorFile(ABC):
         return math.prod(shape) * dtype.itemsize
 
     @abstractmethod
-    def get(self, key: str) -> torch.Tensor:
-        """The tensor named ``key`` (a CPU tensor of ``dtype(key)`` and ``shape(key)``)."""
+    def get(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor named ``key`` (a CPU tensor of ``dtype(key)`` and ``shape(key)``).
+
+        ``buffer`` (a contiguous CPU tensor of at least ``nbytes(key)`` bytes, e.g. from a
+        ``memory.Workspace``) lets a reader put the data there instead of in fresh memory: the
+        result may then be a view of it, valid only until the buffer is reused."""
+
+    def prefetch(self, key: str) -> None:
+        """Hint that ``key`` will be read soon, so that the OS can start reading it from disk
+        (no memory of this process is used; a no-op where there is nothing to gain)."""
+
+    def stored(self, key: str) -> FileSlice | None:
+        """``key``'s bytes as stored, for the streamed writer to copy unchanged from file to file;
+        None where the file cannot hand them out that way."""
+        return None
 
     @abstractmethod
     def close(self) -> None:
@@ -119,37 +136,124 @@ class SafetensorsFile(TensorFile):
             self._file.close()
             raise
         self._offsets = {name: begin for name, (_, _, begin) in entries.items()}
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._readers = 0
         super().__init__(path, {k: (d, s) for k, (d, s, _) in entries.items()}, metadata)
 
-    def get(self, key: str) -> torch.Tensor:
-        """Read one tensor (a fresh CPU tensor that owns its memory)."""
+    def get(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor: into fresh memory that the result owns, or into ``buffer`` (then the
+        result is a view of it)."""
         dtype, shape = self._entry(key)
         count = self.nbytes(key)
-        if count == 0:
-            return torch.empty(shape, dtype=dtype)
-        buf = bytearray(count)
-        view = memoryview(buf)
+        if buffer is None:
+            buffer = torch.empty(count, dtype=torch.uint8)  # no zero-fill: every byte is read over
+        elif buffer.device.type != "cpu" or not buffer.is_contiguous() or buffer.nbytes < count:
+            raise ValueError(f"buffer for {key!r} must be a contiguous CPU tensor of ≥ {count} bytes")
+        data = buffer.view(-1).view(torch.uint8)[:count]
+        if count:
+            self._read_into(key, _tensor_bytes(data))
+        return data.view(dtype).view(shape)
+
+    def prefetch(self, key: str) -> None:
+        """Ask the kernel to read ``key``'s bytes into the page cache in the background."""
+        advise = getattr(os, "posix_fadvise", None)
+        count = self.nbytes(key)
+        if advise is None or not count:
+            return
+        with self._lock:
+            if not self._file.closed:
+                try:
+                    advise(self._file.fileno(), self._data_start + self._offsets[key], count,
+                           os.POSIX_FADV_WILLNEED)
+                except OSError:  # only a hint
+                    pass
+
+    def stored(self, key: str) -> FileSlice:
+        self._entry(key)
+        return FileSlice(self, key, self._data_start + self._offsets[key], self.nbytes(key))
+
+    def _read_into(self, key: str, view: memoryview) -> None:
+        self._read_at(self._data_start + self._offsets[key], view, key)
+
+    def _read_at(self, position: int, view: memoryview, key: str) -> None:
+        """Fill ``view`` from byte ``position`` of the file (part of tensor ``key``). Threads read
+        at once where the OS reads at an offset (preadv); ``close`` waits for running reads."""
+        preadv = getattr(os, "preadv", None)
         with self._lock:
             if self._file.closed:
                 raise OrthoLoraError("file is closed", self.path)
-            try:
-                self._file.seek(self._data_start + self._offsets[key])
-                done = 0
-                while done < count:
-                    got = self._file.readinto(view[done:])
-                    if not got:
-                        raise OrthoLoraError(f"file ended inside tensor {key!r} (changed since it "
-                                             "was opened?)", self.path)
-                    done += got
-            except OSError as err:
-                raise OrthoLoraError(f"cannot read tensor {key!r}: {err.strerror or err}",
-                                     self.path) from err
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+            if preadv is None:
+                return self._read_serial(position, view, key)
+            self._readers += 1
+        try:
+            done = 0
+            while done < len(view):
+                got = preadv(self._file.fileno(), [view[done:]], position + done)
+                if not got:
+                    raise OrthoLoraError(f"file ended inside tensor {key!r} (changed since it was "
+                                         "opened?)", self.path)
+                done += got
+        except OSError as err:
+            raise OrthoLoraError(f"cannot read tensor {key!r}: {err.strerror or err}", self.path) from err
+        finally:
+            with self._lock:
+                self._readers -= 1
+                self._lock.notify_all()
+
+    def _read_serial(self, position: int, view: memoryview, key: str) -> None:
+        """``_read_at`` by seek and read (under the lock)."""
+        try:
+            self._file.seek(position)
+            done = 0
+            while done < len(view):
+                got = self._file.readinto(view[done:])
+                if not got:
+                    raise OrthoLoraError(f"file ended inside tensor {key!r} (changed since it "
+                                         "was opened?)", self.path)
+                done += got
+        except OSError as err:
+            raise OrthoLoraError(f"cannot read tensor {key!r}: {err.strerror or err}",
+                                 self.path) from err
 
     def close(self) -> None:
         with self._lock:
+            self._lock.wait_for(lambda: not self._readers)
             self._file.close()
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """The stored bytes of tensor ``key``: ``nbytes`` from byte ``offset`` of ``source``."""
+
+    source: SafetensorsFile
+    key: str
+    offset: int
+    nbytes: int
+
+    def copy_to(self, out: io.FileIO, target: Path, chunk: memoryview) -> None:
+        """Append the bytes to ``out``: by copy_file_range (in the kernel, no user memory) where
+        the OS offers it between these files, else through ``chunk``."""
+        position, left = self.offset, self.nbytes
+        copy = getattr(os, "copy_file_range", None)
+        try:
+            while left and copy is not None:
+                got = copy(self.source._file.fileno(), out.fileno(), left, position)
+                if not got:
+                    raise OrthoLoraError(f"file ended inside tensor {self.key!r} (changed since it was "
+                                         "opened?)", self.source.path)
+                position, left = position + got, left - got
+        except OSError as err:
+            if err.errno not in _NO_KERNEL_COPY:
+                raise write_error(err, target) from err
+        while left:
+            part = chunk[:min(left, len(chunk))]
+            self.source._read_at(position, part, self.key)
+            _write_all(out, part, target)
+            position, left = position + len(part), left - len(part)
+
+
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF,
+                   errno.EPERM}
 
 
 class DictTensorFile(TensorFile):
@@ -159,8 +263,9 @@ class DictTensorFile(TensorFile):
         self._tensors = tensors
         super().__init__(path, {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, {})
 
-    def get(self, key: str) -> torch.Tensor:
-        """The stored tensor (shared, not a copy: do not modify it in place)."""
+    def get(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored tensor (shared, not a copy: do not modify it in place; ``buffer`` is not
+        needed)."""
         self._entry(key)
         if key not in self._tensors:
             raise OrthoLoraError("file is closed", self.path)
@@ -168,6 +273,17 @@ class DictTensorFile(TensorFile):
 
     def close(self) -> None:
         self._tensors = {}
+
+
+def prefetched(items: Iterable[_T], files: Iterable[TensorFile], key: Callable[[_T], str]) -> Iterator[_T]:
+    """The items in order, the tensor ``key(item)`` of each file announced to the OS (``prefetch``)
+    as the item is handed out: a consumer that draws a few items ahead of its work has the page
+    cache fill while earlier items are processed."""
+    files = tuple(files)
+    for item in items:
+        for f in files:
+            f.prefetch(key(item))
+        yield item
 
 
 def open_tensors(path: PathLike | bytes) -> TensorFile:
@@ -406,7 +522,7 @@ def check_finite(tensor: torch.Tensor, key: str, path: PathLike | None) -> None:
     if not tensor.is_floating_point():
         return
     values = tensor.float() if tensor.dtype.itemsize == 1 else tensor  # no isfinite for float8
-    if not bool(torch.isfinite(values).all()):
+    if values.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(values)):  # no temporary
         nans = int(torch.isnan(values).sum())
         infs = int(torch.isinf(values).sum())
         raise OrthoLoraError(f"tensor {key!r} has {nans} NaN and {infs} Inf values", path)
@@ -484,8 +600,16 @@ def _safetensors_header(specs: list[TensorSpec], metadata: dict[str, str], targe
     return len(text).to_bytes(8, "little") + text
 
 
-def _conform(tensor: object, spec: TensorSpec, target: Path) -> torch.Tensor:
-    """Check a produced tensor's shape; return it contiguous, on the CPU, in the spec dtype."""
+def _conform(tensor: object, spec: TensorSpec, target: Path) -> torch.Tensor | FileSlice:
+    """Check a produced tensor's shape; return it contiguous, on the CPU, in the spec dtype (a
+    FileSlice passes when its source holds the spec's dtype and shape)."""
+    if isinstance(tensor, FileSlice):
+        src = tensor.source
+        if (src.dtype(tensor.key), src.shape(tensor.key)) != (spec.dtype, tuple(spec.shape)):
+            raise OrthoLoraError(f"tensor {spec.name!r}: stored as {src.dtype(tensor.key)} "
+                                 f"{src.shape(tensor.key)}, not the announced {spec.dtype} {tuple(spec.shape)}",
+                                 target)
+        return tensor
     if not isinstance(tensor, torch.Tensor):
         raise OrthoLoraError(f"tensor {spec.name!r}: got {type(tensor).__name__}, not a tensor",
                              target)
@@ -496,20 +620,72 @@ def _conform(tensor: object, spec: TensorSpec, target: Path) -> torch.Tensor:
 
 
 def write_safetensors_streamed(path: PathLike, specs: list[TensorSpec],
-                               produce: Callable[[str], torch.Tensor],
+                               produce: Callable[[str], torch.Tensor | FileSlice],
                                metadata: Mapping[str, str] | None = None,
-                               overwrite: bool = False) -> None:
+                               overwrite: bool = False,
+                               written: Callable[[str], None] | None = None) -> None:
     """Write a safetensors file tensor by tensor: ``produce(name)`` is called once per spec, in
-    order, and its result written and dropped, so peak memory is one tensor."""
+    order, and its result written by a writer thread while the next one is produced (the disk
+    works while the caller computes), then dropped: peak memory is two tensors. A result may also
+    be a ``FileSlice`` (a tensor passed through unchanged: copied file to file). ``written(name)``,
+    when given, is called (from the writer thread) once a result is written: a producer that
+    hands out views of reused buffers may reuse them then, and not before. Write errors surface
+    at the next call at the latest."""
     target = Path(path)
     head = _safetensors_header(specs, _check_metadata_out(metadata, target), target)
     with atomic_output(target, overwrite, SAFETENSORS) as tmp, _open_temp(tmp, target) as file:
         _write_all(file, head, target)
-        for spec in specs:
-            tensor = _conform(produce(spec.name), spec, target)
-            _write_all(file, _tensor_bytes(tensor), target)
-            del tensor
-            trim()  # hand the dropped tensor's pages back before producing the next one
+        sink = _Sink(file, target, len(head), written)
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            pending, produced = None, 0
+            for spec in specs:
+                item = _conform(produce(spec.name), spec, target)
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(sink.write, spec.name, item)
+                produced += item.nbytes
+                del item
+                if produced >= WRITEBACK_BYTES:  # hand dropped tensors' heap pages back now and then
+                    trim()
+                    produced = 0
+            if pending is not None:
+                pending.result()
+
+
+WRITEBACK_BYTES = 64 << 20
+
+
+class _Sink:
+    """Appends tensors' bytes to an open file. Every WRITEBACK_BYTES it hands the file's last two
+    windows to POSIX_FADV_DONTNEED, which starts writeback of the newest (dirty) one and drops the
+    pages of the one before, written back by then: the disk works while the next tensors are
+    produced instead of all at the final fsync, the output does not crowd other files out of the
+    page cache, and new page-cache pages are recycled ones (a first touch of never-used memory
+    costs ~3× the copy on a VM). A hint only: a no-op where unsupported."""
+
+    def __init__(self, file: io.FileIO, target: Path, offset: int, written: Callable[[str], None] | None):
+        self.file, self.target, self.done = file, target, written
+        self.written, self.windows = offset, [0, 0]  # starts of the last two windows
+        self.chunk: memoryview | None = None
+
+    def write(self, name: str, item: torch.Tensor | FileSlice) -> None:
+        if isinstance(item, FileSlice):
+            self.chunk = self.chunk or memoryview(bytearray(8 << 20))
+            item.copy_to(self.file, self.target, self.chunk)
+        else:
+            _write_all(self.file, _tensor_bytes(item), self.target)
+        self.written += item.nbytes
+        if self.done is not None:
+            self.done(name)
+        if self.written - self.windows[1] >= WRITEBACK_BYTES:
+            advise = getattr(os, "posix_fadvise", None)
+            try:
+                if advise is not None:
+                    advise(self.file.fileno(), self.windows[0], self.written - self.windows[0],
+                           os.POSIX_FADV_DONTNEED)
+            except (AttributeError, OSError, ValueError):
+                pass
+            self.windows = [self.windows[1], self.written]
 
 
 def _owned_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -527,14 +703,40 @@ def _owned_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def _hashes_of(blob: bytes) -> dict[str, str]:
+def _read_exactly(file: io.FileIO, position: int, view: memoryview) -> memoryview:
+    """``view`` filled from byte ``position`` of ``file``."""
+    file.seek(position)
+    done = 0
+    while done < len(view):
+        got = file.readinto(view[done:])
+        if not got:
+            raise OSError(errno.EIO, "file ended early")
+        done += got
+    return view
+
+
+def _hashes_of(file: io.FileIO, chunk: memoryview) -> dict[str, str]:
     """kohya's ``sshs_model_hash``/``sshs_legacy_hash`` of a file saved with the ss_* metadata:
-    model hash = sha256 of the data section, legacy = sha256 of bytes [1 MiB, 1 MiB + 64 KiB)."""
-    data_start = 8 + int.from_bytes(blob[:8], "little")
-    return {
-        "sshs_model_hash": hashlib.sha256(memoryview(blob)[data_start:]).hexdigest(),
-        "sshs_legacy_hash": hashlib.sha256(memoryview(blob)[0x100000:0x110000]).hexdigest()[:8],
-    }
+    model hash = sha256 of the data section, legacy = sha256 of bytes [1 MiB, 1 MiB + 64 KiB);
+    read through ``chunk``."""
+    size = os.fstat(file.fileno()).st_size
+    model = hashlib.sha256()
+    position = 8 + int.from_bytes(_read_exactly(file, 0, chunk[:8]), "little")
+    while position < size:
+        model.update(_read_exactly(file, position, chunk[:size - position]))
+        position += min(len(chunk), size - position)
+    legacy = _read_exactly(file, 0x100000, chunk[:max(0, min(0x10000, size - 0x100000))])
+    return {"sshs_model_hash": model.hexdigest(), "sshs_legacy_hash": hashlib.sha256(legacy).hexdigest()[:8]}
+
+
+def _shift(file: io.FileIO, start: int, end: int, by: int, chunk: memoryview, target: Path) -> None:
+    """Move bytes [start, end) of ``file`` by ``by`` bytes (either way) through ``chunk``, each
+    span read before anything is written over it."""
+    spans = [(p, min(len(chunk), end - p)) for p in range(start, end, len(chunk))]
+    for position, count in (reversed(spans) if by > 0 else spans):
+        part = _read_exactly(file, position, chunk[:count])
+        file.seek(position + by)
+        _write_all(file, part, target)
 
 
 def _training(metadata: Mapping[str, str]) -> dict[str, str]:
@@ -544,20 +746,34 @@ def _training(metadata: Mapping[str, str]) -> dict[str, str]:
 def save_lora_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
                           metadata: Mapping[str, str], overwrite: bool = False) -> dict[str, str]:
     """Save a (LoRA-sized) file with fresh sshs hashes in its metadata; return that metadata.
-    Serialized once: the hashed ss_*-only file and the final one share the data section."""
+    safetensors writes the file straight from the tensors with the ss_*-only metadata that the
+    hashes are taken of; then its header is replaced by the final one (the data moved in place
+    through a small buffer): no serialized copy of the file is ever held in memory."""
     target = Path(path)
     final = _check_metadata_out(metadata, target)
+    chunk = memoryview(bytearray(8 << 20))
     with atomic_output(target, overwrite, SAFETENSORS) as tmp:
-        blob = safetensors.torch.save(_owned_tensors(tensors), _training(final))
-        final.update(_hashes_of(blob))
-        n = int.from_bytes(blob[:8], "little")
-        header = json.loads(blob[8:8 + n])
-        header["__metadata__"] = final
-        head = json.dumps(header, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)
-        with _open_temp(tmp, target) as file:
-            _write_all(file, len(head).to_bytes(8, "little") + head, target)
-            _write_all(file, memoryview(blob)[8 + n:], target)
+        try:
+            safetensors.torch.save_file(_owned_tensors(tensors), str(tmp), _training(final))
+        except OSError as err:
+            raise write_error(err, target) from err
+        except safetensors.SafetensorError as err:
+            raise OrthoLoraError(f"cannot write: {err}", target) from err
+        try:
+            with open(tmp, "r+b", buffering=0) as file:
+                final.update(_hashes_of(file, chunk))
+                n = int.from_bytes(_read_exactly(file, 0, chunk[:8]), "little")
+                header = json.loads(bytes(_read_exactly(file, 8, memoryview(bytearray(n)))))
+                header["__metadata__"] = final
+                head = json.dumps(header, separators=(",", ":")).encode()
+                head += b" " * (-len(head) % 8)
+                size = os.fstat(file.fileno()).st_size
+                _shift(file, 8 + n, size, len(head) - n, chunk, target)
+                file.seek(0)
+                _write_all(file, len(head).to_bytes(8, "little") + head, target)
+                file.truncate(size + len(head) - n)
+        except OSError as err:
+            raise write_error(err, target) from err
     return final
 
 

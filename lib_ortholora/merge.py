@@ -3,14 +3,16 @@
 For every mapped layer W ← cast(W.float() + Σ_i m_i·dW_i) to the output dtype; open_clip q/k/v add
 into their row blocks of `in_proj_weight`; full-diff bias deltas add into the layer's bias (row
 blocks of `in_proj_bias`). Every other tensor is written back unchanged (bit-identical unless an
-output dtype is asked). Peak memory: the LoRAs plus about one checkpoint tensor.
+output dtype is asked). Layers are merged on worker threads (one per core, each single-threaded)
+while a writer thread writes; unchanged tensors are copied file to file. Peak memory: the LoRAs plus
+a few checkpoint layers.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -18,10 +20,13 @@ from . import arguments
 from .arch import Arch, Shape, detect
 from .dtypes import torch_name
 from .errors import OrthoLoraError
-from .fileio import TensorSpec, check_finite, open_tensors, write_safetensors_streamed
-from .keys import Target, rows_of, targets
+from .fileio import (FileSlice, TensorFile, TensorSpec, check_finite, open_tensors, prefetched,
+                     write_safetensors_streamed)
+from .keys import Target, targets
 from .lorafile import LoraFile, read_lora
+from .memory import PerThread, Ring, Workspace
 from .modules import NetworkModule
+from .parallel import parallel_map
 from .paths import PathLike
 from .progress import Progress
 from .report import Report, Row, Status
@@ -29,6 +34,8 @@ from .run import Run
 from .shapes import matrix_shape
 
 ADDMM_MAX_RANK = 128
+BLOCK = 1 << 20  # float32 elements of the rows merged at a time (4 MiB: stays in cache)
+AHEAD = 32  # tensors handed to the workers ahead of the writer (memory is bounded by the ring)
 
 
 @dataclass(frozen=True)
@@ -40,15 +47,16 @@ class Contribution:
     rows: tuple[int, int] | None
     bias: bool = False
 
-    def add_into(self, block: torch.Tensor) -> None:
-        """block += m·dW in place. A low-rank form of rank ≤ ADDMM_MAX_RANK is added by addmm (no
-        dW-sized temporary); wider forms (LoHa's r², big LoKr) cost less as the dense dW."""
+    def form(self) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """m·dW (or m·bias delta) over the rows of its block, flattened: (up, down, alpha) with
+        m·dW = alpha·up@down, or (dW, None, m). A low-rank form of rank ≤ ADDMM_MAX_RANK stays
+        factored (added by addmm: no dW-sized temporary); wider forms (LoHa's r², big LoKr) cost
+        less as the dense dW."""
         lr = None if self.bias else self.module.lowrank()
         if lr is not None and lr.rank <= ADDMM_MAX_RANK:
-            block.view(block.shape[0], -1).addmm_(lr.up.float(), lr.down.float(), alpha=self.multiplier * lr.scale)
-            return
+            return lr.up.float(), lr.down.float(), self.multiplier * lr.scale
         delta = self.module.bias_delta() if self.bias else self.module.delta()
-        block.add_(delta.reshape(block.shape), alpha=self.multiplier)
+        return delta.float().reshape(delta.shape[0], -1), None, self.multiplier
 
 
 def bias_key(t: Target) -> str:
@@ -104,13 +112,76 @@ def plan_merge(arch: Arch, shapes: Mapping[str, Shape], loras: Sequence[tuple[Lo
     return plan, report
 
 
-def merged_tensor(w: torch.Tensor, contributions: Sequence[Contribution], dtype: torch.dtype) -> torch.Tensor:
-    """cast(w.float() + Σ contributions, dtype); each contribution lands in its row block."""
-    acc = w.to(torch.float32, copy=True)
-    del w  # the caller passes its only reference: free it before the deltas are formed
-    for c in contributions:
-        c.add_into(rows_of(acc, c.rows))
-    return acc.to(dtype)
+def merged_tensor(w: torch.Tensor, contributions: Sequence[Contribution], dtype: torch.dtype,
+                  out: torch.Tensor | None = None, work: Workspace | None = None) -> torch.Tensor:
+    """cast(w.float() + Σ contributions, dtype), each contribution in its row block, computed in
+    blocks of rows of ≤ BLOCK elements whose float32 sum stays in cache (in `work`'s `acc` buffer
+    when given). The result goes to `out` (default: a new tensor), which may be w's own memory
+    when dtype has w's item size: each block is read before it is written."""
+    rows = w.shape[0]
+    flat = w.reshape(rows, -1)
+    out = torch.empty(w.shape, dtype=dtype) if out is None else out
+    flat_out = out.view(rows, -1)
+    forms = [(c.rows or (0, rows), c.form()) for c in contributions]
+    step = max(1, BLOCK // max(1, flat.shape[1]))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        shape = (r1 - r0, flat.shape[1])
+        acc = (work.take("acc", shape, torch.float32) if work is not None else torch.empty(shape)).copy_(flat[r0:r1])
+        for (a, b), (up, down, alpha) in forms:
+            lo, hi = max(a, r0), min(b, r1)
+            if lo < hi and down is None:
+                acc[lo - r0:hi - r0].add_(up[lo - a:hi - a], alpha=alpha)
+            elif lo < hi:
+                acc[lo - r0:hi - r0].addmm_(up[lo - a:hi - a], down, alpha=alpha)
+        flat_out[r0:r1].copy_(acc)
+    return out
+
+
+def _merged(f: TensorFile, plan: Mapping[str, list[Contribution]], dtype: torch.dtype | None,
+            paths: tuple[Path, Path]) -> tuple[Callable[[str], tuple[str, torch.Tensor | FileSlice]], Ring,
+                                               Callable[[str], None]]:
+    """(output(key), its buffer ring, written(key)). `output` (run on worker threads, any number
+    of keys ahead) gives each output tensor: an unchanged tensor as its stored bytes (copied file
+    to file), anything else in a ring buffer of its own (merged layers in place when the item
+    size is kept) until `written(key)` gives it back. Ring turns follow the file order."""
+    base, out = paths
+    to = {k: _out_dtype(f.dtype(k), dtype) for k in f.keys()}
+    turns = {k: i for i, k in enumerate(k for k in f.keys() if k in plan or to[k] != f.dtype(k) or f.stored(k) is None)}
+    ring = Ring(2 * torch.get_num_threads() + 2,  # ≥ the layers computed at once + the one being written
+                sizes={"read": max((f.nbytes(k) for k in plan), default=0)})
+    scratch = PerThread("cpu", {"acc": 4 * BLOCK})
+    held: dict[str, Workspace] = {}
+
+    def output(key: str) -> tuple[str, torch.Tensor | FileSlice]:
+        if key not in turns:
+            return key, f.stored(key)
+        work = ring.acquire(turns[key])
+        try:
+            buf = work.take("read", (f.nbytes(key),), torch.uint8)
+            w = f.get(key, buf)
+            if key not in plan:
+                result = w if to[key] == w.dtype else work.take("out", w.shape, to[key]).copy_(w)
+            else:
+                own = w.data_ptr() == buf.data_ptr() and to[key].itemsize == w.dtype.itemsize
+                result = merged_tensor(w, plan[key], to[key], w.view(to[key]) if own else
+                                       work.take("out", w.shape, to[key]), scratch.get())
+                try:
+                    check_finite(result, key, out)
+                except OrthoLoraError:
+                    check_finite(f.get(key), key, base)  # NaN/Inf already in the checkpoint: name that file
+                    raise
+        except BaseException:
+            ring.release(work)
+            raise
+        held[key] = work
+        return key, result
+
+    def written(key: str) -> None:
+        if key in held:
+            ring.release(held.pop(key))
+
+    return output, ring, written
 
 
 def _out_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
@@ -159,22 +230,23 @@ def merge_lora(base_path: PathLike, lora_path: PathLike | Sequence[PathLike], mu
                                      f"layer of this {arch.title} checkpoint", base)
             specs = [TensorSpec(k, _out_dtype(f.dtype(k), dtype), shapes[k]) for k in f.keys()]
             step = run.phase("merge", len(specs)).step
-
-            def produce(key: str) -> torch.Tensor:
-                step(key)
-                if key not in plan:
-                    return f.get(key)
-                merged = merged_tensor(f.get(key), plan[key], _out_dtype(f.dtype(key), dtype))
-                try:
-                    check_finite(merged, key, out)
-                except OrthoLoraError:
-                    check_finite(f.get(key), key, base)  # NaN/Inf already in the checkpoint: name that file
-                    raise
-                return merged
-
             meta = {k: v for k, v in f.metadata.items() if "hash" not in k.lower()}
             meta["ortholora_merge"] = json.dumps([{"file": p.name, "multiplier": m} for p, m in zip(paths, mults)])
-            write_safetensors_streamed(out, specs, produce, meta, overwrite)
+            output, ring, written = _merged(f, plan, dtype, (base, out))
+            # layers merged on worker threads, in order, while the writer writes the previous ones
+            stream = parallel_map(output, prefetched([s.name for s in specs], (f,), str), ahead=AHEAD)
+
+            def produce(key: str) -> torch.Tensor | FileSlice:
+                step(key)
+                got, item = next(stream)
+                assert got == key
+                return item
+
+            try:
+                write_safetensors_streamed(out, specs, produce, meta, overwrite, written)
+            finally:
+                ring.close()  # workers waiting for a buffer end, then the map shuts down
+                stream.close()
         biases = sum(cs[0].bias for cs in plan.values())
         report.totals.update({
             "checkpoint": base.name,

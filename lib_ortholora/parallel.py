@@ -52,9 +52,9 @@ def layer_parallelism() -> Iterator[int]:
             torch.set_num_threads(workers)
 
 
-def parallel_map(fn: Callable[[_T], _R], items: Iterable[_T]) -> Iterator[_R]:
-    """fn over items, in order, under `layer_parallelism`; at most two items per worker are drawn
-    from `items` ahead of the results (items may be big tensors)."""
+def parallel_map(fn: Callable[[_T], _R], items: Iterable[_T], ahead: int | None = None) -> Iterator[_R]:
+    """fn over items, in order, under `layer_parallelism`; at most `ahead` (default: two per
+    worker) items are drawn from `items` ahead of the results (items may be big tensors)."""
     with layer_parallelism() as workers:
         if workers <= 1:
             yield from map(fn, items)
@@ -63,7 +63,7 @@ def parallel_map(fn: Callable[[_T], _R], items: Iterable[_T]) -> Iterator[_R]:
             pending: deque[Future[_R]] = deque()
             for item in items:
                 pending.append(pool.submit(fn, item))
-                if len(pending) >= 2 * workers:
+                if len(pending) >= (ahead or 2 * workers):
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()

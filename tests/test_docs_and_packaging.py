@@ -125,11 +125,11 @@ def test_the_module_map_lists_every_module_and_nothing_else():
 
 def test_the_cli_and_the_benchmarks_list_their_modules(capsys, monkeypatch):
     """COMMANDS and benchmarks.NAMES are explicit lists: each names a module of its package and
-    every module is named; `--help` shows the name the program was started by."""
+    every public module (not `_helper`) is named; `--help` shows the name the program was started by."""
     from lib_ortholora import benchmarks, cli
 
     for package, names in ((cli, cli.COMMANDS), (benchmarks, benchmarks.NAMES)):
-        modules = {p.stem for p in Path(package.__file__).parent.glob("*.py") if p.stem != "__init__"}
+        modules = {p.stem for p in Path(package.__file__).parent.glob("*.py") if not p.stem.startswith("_")}
         assert sorted(names) == sorted(modules) and len(names) == len(set(names)), package.__name__
     monkeypatch.setattr(sys, "argv", ["/usr/local/bin/ortholora", "--help"])
     with pytest.raises(SystemExit):

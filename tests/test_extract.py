@@ -1,7 +1,9 @@
 import os
 import pickle
+import re
 
 import pytest
+import safetensors.torch
 import torch
 
 from lib_ortholora import arch as _arch
@@ -147,3 +149,73 @@ def test_demo_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "roundtrip_rel_error" in out and (tmp_path / "demo_lora.safetensors").exists()
     assert main(["extract", str(tmp_path / "x"), str(tmp_path / "y"), "-o", str(tmp_path / "z.safetensors")]) == 2
+
+
+def _extract_open(base, tuned, threads: int, policy: str = "fro=0.9,max=6"):
+    from lib_ortholora.extract import extract
+    from lib_ortholora.rank import as_policy
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with open_tensors(base) as b, open_tensors(tuned) as t:
+            return extract(b, t, as_policy(policy, 1, None), as_policy(policy, 1, None), device="cpu")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_layers_spread_over_threads_give_the_same_lora_and_keep_no_shared_buffer(pairs):
+    """Each worker thread reuses its own buffers; the LowRanks kept for the output are copies that
+    share memory with nothing (SDXL: q/k/v row blocks of one in_proj read once)."""
+    base, tuned = pairs("sdxl", noise=0.3)
+    _, one, rep1 = _extract_open(base, tuned, 1)
+    _, two, rep2 = _extract_open(base, tuned, 2)
+    assert list(one) == list(two) and len(one) == len(targets(_arch.Arch("sdxl"), _arch.spec("sdxl", 16)))
+    assert [(r.module, r.rank, r.rel_error) for r in rep1.rows] == [(r.module, r.rank, r.rel_error) for r in rep2.rows]
+    storages = set()
+    for name, lr in two.items():
+        assert torch.equal(lr.up, one[name].up) and torch.equal(lr.down, one[name].down), name
+        for t in (lr.up, lr.down):
+            storages.add(t.untyped_storage().data_ptr())
+            assert t.untyped_storage().nbytes() == t.nbytes, name  # owns exactly its values
+    assert len(storages) == 2 * len(two)
+
+
+def test_extracted_layers_match_a_fresh_reference(pairs):
+    """Each LowRank is the truncated SVD of its own layer's delta (not of a stale buffer)."""
+    base, tuned = pairs("sd2", noise=0.3)
+    _, lowranks, report = _extract_open(base, tuned, 2, "4")
+    errors = {r.module: r.rel_error for r in report.rows}
+    for tg, w0, w1 in _layers(base, tuned):
+        d = (w1 - w0).reshape(tg.shape[0], -1)
+        u, s, vh = exact_svd(d)
+        best = rel_error((u[:, :4] * s[:4]) @ vh[:4], d)
+        ours = rel_error(lowranks[tg.name].delta().reshape(d.shape), d)
+        assert ours <= best * 1.01 + 1e-6, tg.name
+        assert errors[tg.name] == pytest.approx(ours, rel=1e-3, abs=1e-6), tg.name
+
+
+@pytest.mark.parametrize("scale", [2.0 ** -110, 1.0, 2.0 ** 70])
+def test_reported_error_holds_for_tiny_and_huge_deltas(scale):
+    """The relative error comes from float32 squares of a rescaled delta: no under/overflow."""
+    from lib_ortholora.extract import decompose
+    from lib_ortholora.rank import as_policy
+    d = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))
+    u, s, vh = exact_svd(d.double())
+    want = float(s[6:].square().sum().sqrt() / s.square().sum().sqrt())
+    lr, err = decompose(d * scale, (96, 64), as_policy(6, 1, None), "exact")
+    assert err == pytest.approx(want, rel=1e-5)
+    assert lr.rank == 6
+
+
+def test_delta_that_overflows_float32_is_refused(pairs, tmp_path):
+    base, tuned = pairs("sd15")
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight"
+    paths = []
+    for path, value in ((base, -3e38), (tuned, 3e38)):
+        tensors = safetensors.torch.load_file(str(path))
+        tensors[key][0, 0] = value
+        paths.append(tmp_path / path.name)
+        safetensors.torch.save_file(tensors, str(paths[-1]))
+    with pytest.raises(OrthoLoraError, match=rf"{re.escape(key)}: tuned − base overflows float32"):
+        extract_lora(*paths, 4, save_path=tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()

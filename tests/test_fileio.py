@@ -490,3 +490,27 @@ def test_safe_output_path_refuses_symlink_out(tmp_path: Path) -> None:
     (folder / "link.safetensors").symlink_to(outside / "target.safetensors")
     with pytest.raises(OrthoLoraError, match="outside"):
         safe_output_path(folder, "link")
+
+
+def test_save_lora_holds_no_serialized_copy_of_the_file(tmp_path: Path) -> None:
+    """The file is written straight from the tensors and its header replaced in place: Python never
+    holds the serialized file (before: safetensors.torch.save's bytes, as large as the file)."""
+    import tracemalloc
+
+    tensors = {f"lora_unet_{i}.lora_down.weight": torch.full((1024, 1024), float(i)) for i in range(12)}  # 48 MiB
+    tracemalloc.start()
+    try:
+        final = save_lora_safetensors(tmp_path / "big.safetensors", tensors, {"ss_network_dim": "4", "x": "y" * 99})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+    raw = (tmp_path / "big.safetensors").read_bytes()
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    assert final["sshs_model_hash"] == hashlib.sha256(raw[8 + header_len:]).hexdigest()
+    expected = safetensors.torch.save(tensors, {"ss_network_dim": "4"})
+    assert final["sshs_legacy_hash"] == hashlib.sha256(expected[0x100000:0x110000]).hexdigest()[:8]
+    assert raw[8 + header_len:] == expected[8 + struct.unpack("<Q", expected[:8])[0]:]
+    with open_tensors(tmp_path / "big.safetensors") as tf:
+        assert tf.metadata == final and final["x"] == "y" * 99
+        assert all(torch.equal(tf.get(k), v) for k, v in tensors.items())

@@ -6,16 +6,16 @@ from pathlib import Path
 
 import torch
 
-from . import peak_rss_mb
+from . import timed
+from ..arch import detect
 from ..extract import extract_lora
 from ..fileio import open_tensors
 from ..keys import rows_of, targets
-from ..arch import detect
 from ..lorafile import read_lora
 from ..lowrank import rel_error
 from ..shapes import as_matrix
-from ..synth import write_pair
 from ..svd import exact_svd
+from ..synth import write_pair
 
 RANK = 32
 SAMPLE = 12
@@ -24,8 +24,21 @@ SAMPLE = 12
 def prepare(workdir: Path, arch: str, full: bool) -> dict:
     base, tuned = workdir / f"{arch}_base.safetensors", workdir / f"{arch}_tuned.safetensors"
     if not (base.exists() and tuned.exists()):
-        write_pair(arch, workdir, full=full)
+        write_pair(arch, workdir, full=full, overwrite=True)
     return {"base": str(base), "tuned": str(tuned), "out": str(workdir / f"{arch}_extract_r{RANK}.safetensors")}
+
+
+def command(prepared: dict) -> list[str]:
+    return ["extract", prepared["base"], prepared["tuned"], "-o", prepared["out"], "--rank", str(RANK), "--no-conv",
+            "--overwrite", "--quiet"]
+
+
+def inputs(prepared: dict) -> list[str]:
+    return [prepared["base"], prepared["tuned"]]
+
+
+def output(prepared: dict) -> str:
+    return prepared["out"]
 
 
 def _accuracy(prepared: dict) -> dict:
@@ -48,10 +61,9 @@ def _accuracy(prepared: dict) -> dict:
 
 
 def measure(workdir: Path, arch: str, prepared: dict) -> dict:
+    """The extraction timed on its own (`op`), then the accuracy check."""
     torch.manual_seed(0)
-    report = extract_lora(prepared["base"], prepared["tuned"], RANK, min_rank=1, max_rank=None,
-                          save_path=prepared["out"], conv=False, overwrite=True)
-    figures = {k: report.totals[k] for k in ("modules", "skipped", "mean_rel_error", "seconds", "output_mb")}
-    figures["extract_seconds"] = figures.pop("seconds")
-    figures["extract_peak_rss_mb"] = peak_rss_mb()
+    report, cost = timed(extract_lora, prepared["base"], prepared["tuned"], RANK, min_rank=1, max_rank=None,
+                         save_path=prepared["out"], conv=False, overwrite=True)
+    figures = {"op": cost, **{k: report.totals[k] for k in ("modules", "skipped", "mean_rel_error", "output_mb")}}
     return figures | _accuracy(prepared)
