@@ -66,7 +66,7 @@ def join_loras(paths: Sequence[PathLike], save_path: PathLike, ratios: float | S
             report.add(Row(name, rank=lr.rank, extra={"slices": "+".join(map(str, ranks[name]))}))
         meta = make_join_metadata([(n, p.name, r) for n, p, r in zip(labels, paths, ratios)], ranks)
         write = run.phase("write", 1)
-        write_lora(save_path, joined, arch, dtype, {META_KEY: meta}, overwrite, prediction.of_files(paths))
+        write_lora(save_path, joined, arch, dtype, {META_KEY: meta}, overwrite, prediction.of_files(paths, report.warnings))
         write.step(save_path.name)
         report.totals.update({"architecture": Arch(arch).title,
                               "sources": ", ".join(f"{n}×{r:g}" for n, r in zip(labels, ratios)),

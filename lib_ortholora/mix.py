@@ -78,7 +78,7 @@ def mix_loras(paths: Sequence[PathLike], save_path: PathLike, rank: int | str | 
                   "rank": policy.describe()}
         write = run.phase("write", 1)
         write_lora(save_path, kept, arch, dtype, {"ortholora_mix": json.dumps(record)}, overwrite,
-                   prediction.of_files(paths))
+                   prediction.of_files(paths, report.warnings))
         write.step(save_path.name)
         errors = [r.rel_error for r in report.rows if r.status == Status.OK]
         report.totals.update({"architecture": Arch(arch).title,

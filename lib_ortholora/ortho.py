@@ -403,7 +403,7 @@ def _write_outputs(run: Run, targets: dict[tuple[str, int], Path], files: list[L
     names = sorted(name for name, plan in plans.items() if any(r for r, _ in plan))
     write = run.phase("write", len(names))
 
-    kind = prediction.common([f.metadata for f in files])
+    kind = prediction.common([f.metadata for f in files], run.report.warnings, [f.path.name for f in files])
     with ExitStack() as stack:
         writers = {}
         for i, key in enumerate(keys):

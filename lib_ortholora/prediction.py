@@ -129,16 +129,23 @@ def detect(arch: Arch, files: Sequence[TensorFile], given: str | None = None) ->
     return Prediction("epsilon", "default")
 
 
-def common(metas: Sequence[Mapping[str, str]]) -> str | None:
-    """The prediction type every input LoRA's metadata states, if they all state the same one."""
-    found = {(from_metadata(m) or (None, ""))[0] for m in metas}
+def common(metas: Sequence[Mapping[str, str]], warnings: list[str] | None = None,
+           names: Sequence[str] = ()) -> str | None:
+    """The prediction type every input LoRA's metadata states, if they all state the same one.
+    Inputs that state different types get a line in `warnings` (naming them by `names`)."""
+    stated = [(from_metadata(m) or (None, ""))[0] for m in metas]
+    kinds = {k for k in stated if k}
+    if len(kinds) > 1 and warnings is not None:
+        said = ", ".join(f"{n}: {k}" for n, k in zip(names or map(str, range(1, len(stated) + 1)), stated) if k)
+        warnings.append(f"the inputs state different prediction types ({said}); the output states none")
+    found = set(stated)
     return found.pop() if len(found) == 1 else None
 
 
-def of_files(paths: Sequence[str | Path]) -> str | None:
+def of_files(paths: Sequence[str | Path], warnings: list[str] | None = None) -> str | None:
     """`common` over the metadata of LoRA files (headers only)."""
     metas = []
     for p in paths:
         with open_tensors(p) as f:
             metas.append(f.metadata)
-    return common(metas)
+    return common(metas, warnings, [Path(p).name for p in paths])

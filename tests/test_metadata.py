@@ -152,7 +152,12 @@ def test_every_operation_carries_the_prediction_type(tmp_path):
         assert meta["modelspec.implementation"] == "diffusers", op
     for op in ("resize", "diag1"):  # one input: its training metadata stays
         assert _meta(outs[op])["ss_training_comment"] == "hi", op
-    join_loras([a, c], tmp_path / "both.safetensors")
+    disagreeing = {"join": join_loras([a, c], tmp_path / "both.safetensors"),
+                   "mix": mix_loras([a, c], tmp_path / "mixboth.safetensors", 3),
+                   "ortho": ortho_lora([a, c], tmp_path / "oboth")}
+    for op, report in disagreeing.items():
+        assert any("a.safetensors: v, c.safetensors: epsilon" in w for w in report.warnings), (op, report.warnings)
+    assert not any("prediction" in w for w in ortho_lora([a, b], tmp_path / "o2").warnings)
     meta = _meta(tmp_path / "both.safetensors")
     assert "modelspec.prediction_type" not in meta and meta["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
 

@@ -15,6 +15,7 @@ import pytest
 gr = pytest.importorskip("gradio")
 
 from matplotlib.figure import Figure  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 from lib_ortholora.diag import parse_diag  # noqa: E402
 from lib_ortholora.lorafile import read_lora  # noqa: E402
@@ -130,6 +131,15 @@ def test_folders_resolve_only_listed_files(cfg, models):
 
 
 # --------------------------------------------------------------------------- operations
+
+
+def test_extract_records_the_chosen_prediction_type(cfg, models):
+    """The tab's Prediction type control reaches the file's metadata (auto leaves detection on)."""
+    assert tab_extract.run(cfg, BASE, TUNED, "pred_v", rank="4", no_conv=True, prediction="v").ok
+    assert tab_extract.run(cfg, BASE, TUNED, "pred_auto", rank="4", no_conv=True).ok
+    for name, expected in (("pred_v", "v"), ("pred_auto", "epsilon")):
+        with safe_open(str(models / "Lora" / f"{name}.safetensors"), "pt") as f:
+            assert f.metadata()["modelspec.prediction_type"] == expected
 
 
 def test_extract_writes_into_the_lora_folder_with_table_and_plots(cfg, models):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..extract import SVD_METHODS, extract_lora
+from ..prediction import PREDICTIONS
 from . import DTYPES, common, device_arg, dtype_arg
 
 
@@ -18,7 +19,7 @@ def add(sub) -> None:
                    help="leave resnet and sampler layers out (no LoCon)")
     p.add_argument("--skip", type=float, default=1e-6, help="skip (and report) layers with max|ΔW| ≤ this")
     p.add_argument("--svd", choices=SVD_METHODS, default="auto")
-    p.add_argument("--prediction", choices=("auto", "epsilon", "v"), default="auto",
+    p.add_argument("--prediction", choices=("auto", *PREDICTIONS), default="auto",
                    help="the tuned model's prediction type, recorded in the metadata (auto: from its metadata, "
                         "a v_pred key, the file name, then SD2's weight statistic)")
     device_arg(p)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..extract import SVD_METHODS
+from ..prediction import PREDICTIONS
 from . import compat, ops, views
 from .config import DEVICES, DTYPES, UiConfig
 from .folders import Folders
@@ -16,12 +17,13 @@ POLICY_HELP = ("N (fixed), fraction=F[,min=N][,max=N], sv_ratio=P, threshold=T, 
 
 
 def run(cfg: UiConfig, base, tuned, out, rank="", conv_rank="", no_conv=False, skip=1e-6, svd="auto", device="auto",
-        dtype="fp16", overwrite=False, *, ui_progress=None, cancel=None) -> Outcome:
+        dtype="fp16", prediction="auto", overwrite=False, *, ui_progress=None, cancel=None) -> Outcome:
     folders = Folders(cfg)
     return execute(cfg, "Extract",
                    lambda p: ops.extract(cfg, base=base, tuned=tuned, out=out, rank=rank, conv_rank=conv_rank,
                                          conv=not no_conv, skip=float(skip if skip is not None else 1e-6),
-                                         svd=svd, device=device, dtype=dtype, overwrite=bool(overwrite), progress=p),
+                                         svd=svd, device=device, dtype=dtype, prediction=prediction or "auto",
+                                         overwrite=bool(overwrite), progress=p),
                    ui_progress=ui_progress, cancel=cancel,
                    after=lambda report, o: views.written_lora_views(folders, report, o))
 
@@ -52,9 +54,13 @@ def build(ctx) -> None:
                                       elem_id="ortholora_extract_device")
             dtype = compat.component(gr.Radio, choices=list(DTYPES), value=d.dtype, label="Output dtype",
                                      elem_id="ortholora_extract_dtype")
+            prediction = compat.component(gr.Radio, choices=["auto", *PREDICTIONS], value="auto",
+                                          label="Prediction type (recorded in the metadata)",
+                                          info="auto: from the tuned model's metadata, keys or name; SD2 768-v is v",
+                                          elem_id="ortholora_extract_prediction")
     out, overwrite = output_row(OP, "extracted_lora")
     run_btn, stop_btn = run_buttons(OP, "Extract LoRA")
     results = Results(ctx, OP)
     ctx.wire(OP, run_btn, stop_btn, run,
-             [base, tuned, out, rank, conv_rank, no_conv, skip, svd, device, dtype, overwrite], results)
+             [base, tuned, out, rank, conv_rank, no_conv, skip, svd, device, dtype, prediction, overwrite], results)
 
