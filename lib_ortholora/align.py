@@ -12,24 +12,9 @@ layers, so every figure of a scope is that of the deltas flattened and concatena
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
-
-from .lowrank import LowRank
-
-
-def stack(parts: Sequence[LowRank | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The exact concatenated form of all present parts, float64: up [out, R] with the scales
-    folded in, down [R, in·k²], and owner [R], the index in `parts` of each rank column."""
-    present = [(k, p) for k, p in enumerate(parts) if p is not None and p.rank]
-    if not present:
-        empty = torch.zeros(0, 0, dtype=torch.float64)
-        return empty, empty, torch.zeros(0, dtype=torch.long)
-    up = torch.cat([p.up.double().reshape(p.up.shape[0], -1) * p.scale for _, p in present], 1)
-    down = torch.cat([p.down.double().reshape(p.rank, -1) for _, p in present], 0)
-    owner = torch.cat([torch.full((p.rank,), k, dtype=torch.long) for k, p in present])
-    return up, down, owner
 
 
 def block_sums(m: torch.Tensor, owner: torch.Tensor, k: int) -> torch.Tensor:
@@ -39,13 +24,10 @@ def block_sums(m: torch.Tensor, owner: torch.Tensor, k: int) -> torch.Tensor:
     return onehot @ m @ onehot.T
 
 
-def gram(parts: Sequence[LowRank | None]) -> torch.Tensor:
-    """G_ij = ⟨dW_i, dW_j⟩_F (float64 [K, K]) from the factors: block sums of (UᵀU) ⊙ (D·Dᵀ) of
-    the concatenated form, never forming a dW; rows of absent parts are 0."""
-    up, down, owner = stack(parts)
-    if not len(owner):
-        return torch.zeros(len(parts), len(parts), dtype=torch.float64)
-    return block_sums((up.T @ up) * (down @ down.T), owner, len(parts))
+def gram_of_grams(gu: torch.Tensor, gd: torch.Tensor, owner: torch.Tensor, k: int) -> torch.Tensor:
+    """G_ij = ⟨dW_i, dW_j⟩_F (float64 [K, K]) from the Grams UᵀU and D·Dᵀ of the concatenated form
+    U·D = Σ_k dW_k (`lowrank.concat`): the block sums of (UᵀU) ⊙ (D·Dᵀ); rows of absent parts are 0."""
+    return block_sums(gu * gd, owner, k)
 
 
 def cosines(g: torch.Tensor) -> list[list[float | None]]:

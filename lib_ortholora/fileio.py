@@ -13,8 +13,8 @@ import pickle
 import threading
 import zipfile
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, TypeVar
@@ -517,12 +517,20 @@ def _unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
     return _tensor_items(obj)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when a tensor holds no NaN or Inf: its min and max are finite (both propagate NaN), one
+    vectorized pass without a temporary (torch.isfinite is ~50× slower on CPU)."""
+    if not tensor.is_floating_point() or not tensor.numel():
+        return True
+    values = tensor.float() if tensor.dtype.itemsize == 1 else tensor  # no aminmax for float8
+    lo, hi = torch.aminmax(values)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 def check_finite(tensor: torch.Tensor, key: str, path: PathLike | None) -> None:
     """Raise if ``tensor`` holds NaN or Inf values."""
-    if not tensor.is_floating_point():
-        return
-    values = tensor.float() if tensor.dtype.itemsize == 1 else tensor  # no isfinite for float8
-    if values.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(values)):  # no temporary
+    if not all_finite(tensor):
+        values = tensor.float() if tensor.dtype.itemsize == 1 else tensor
         nans = int(torch.isnan(values).sum())
         infs = int(torch.isinf(values).sum())
         raise OrthoLoraError(f"tensor {key!r} has {nans} NaN and {infs} Inf values", path)
@@ -579,9 +587,11 @@ def _check_metadata_out(metadata: Mapping[str, str] | None, target: Path) -> dic
     return {printable(key): printable(value) for key, value in metadata.items()}
 
 
-def _safetensors_header(specs: list[TensorSpec], metadata: dict[str, str], target: Path) -> bytes:
-    """The length prefix plus the space-padded JSON header for ``specs`` laid out in order."""
-    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+def _safetensors_header(specs: list[TensorSpec], metadata: dict[str, str], target: Path,
+                        empty_metadata: bool = False) -> bytes:
+    """The length prefix plus the space-padded JSON header for ``specs`` laid out in order; an empty
+    `metadata` is left out unless `empty_metadata` (safetensors writes a given ``{}`` as such)."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata or empty_metadata else {}
     offset = 0
     for spec in specs:
         if spec.name in header:
@@ -619,61 +629,177 @@ def _conform(tensor: object, spec: TensorSpec, target: Path) -> torch.Tensor | F
     return tensor.detach().to("cpu", spec.dtype).contiguous()
 
 
+# safetensors' own layout (the Rust serializer sorts by dtype, then name): files we write in that
+# order have the data section that `safetensors.torch.save` would give the same tensors
+_LAYOUT_ORDER = {name: i for i, name in enumerate(
+    ("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL"))}
+_LEGACY_WINDOW = (0x100000, 0x110000)
+
+
+def layout_order(spec: TensorSpec) -> tuple[int, str]:
+    """Sort key putting specs in safetensors' own order (dtype, then name)."""
+    return _LAYOUT_ORDER.get(_DTYPE_NAMES.get(spec.dtype, ""), len(_LAYOUT_ORDER)), spec.name
+
+
+class _Hashes:
+    """kohya's sshs hashes of a file being written (docs/formats.md#hashes): `sshs_model_hash` is the
+    sha256 of the data section; `sshs_legacy_hash` the first 8 hex digits of the sha256 of bytes
+    [1 MiB, 1 MiB + 64 KiB) of the same data behind a header holding only the `ss_*` metadata
+    (`prefix`), whose length decides where that window falls."""
+
+    def __init__(self, prefix: bytes):
+        self.model, self.legacy = hashlib.sha256(), hashlib.sha256()
+        lo, hi = _LEGACY_WINDOW
+        self.legacy.update(prefix[lo:hi])
+        self.pos = len(prefix)  # offset in the ss_-only file of the next data byte
+
+    def update(self, data: memoryview) -> None:
+        self.model.update(data)
+        lo, hi = max(_LEGACY_WINDOW[0], self.pos), min(_LEGACY_WINDOW[1], self.pos + len(data))
+        if lo < hi:
+            self.legacy.update(data[lo - self.pos:hi - self.pos])
+        self.pos += len(data)
+
+    def hexdigests(self) -> dict[str, str]:
+        return {"sshs_model_hash": self.model.hexdigest(), "sshs_legacy_hash": self.legacy.hexdigest()[:8]}
+
+
+class SafetensorsWriter:
+    """A safetensors file written tensor by tensor in the order of `specs`: `write(name, tensor)`
+    casts a tensor to its spec's dtype and hands it to a writer thread, which appends it (`_Sink`)
+    while the caller produces the next one (the disk works while the caller computes), then drops
+    it: at most two tensors are held. A tensor may also be a `FileSlice` (passed through unchanged:
+    copied file to file). `written(name)`, when given, is called (from the writer thread) once a
+    tensor is written: a producer that hands out views of reused buffers may reuse them then, and
+    not before. Write errors surface at the next call at the latest.
+
+    The file is the claimed temp file of `path` (`outputs.atomic_output`: published with the run
+    that claimed it, else when the writer closes without error). With `hashed`, the metadata gets
+    the sshs hashes (`_Hashes`, computed on the writer thread) of the data as written: the header
+    goes out with placeholders of the same length and is rewritten in place at `close`, which
+    returns the final metadata."""
+
+    def __init__(self, path: PathLike, specs: list[TensorSpec], metadata: Mapping[str, str] | None = None,
+                 overwrite: bool = False, hashed: bool = False, written: Callable[[str], None] | None = None):
+        self.target = Path(path)
+        self.specs = list(specs)
+        self.metadata = _check_metadata_out(metadata, self.target)
+        hashes = None
+        if hashed:
+            self.metadata.update({"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8})
+            hashes = _Hashes(_safetensors_header(self.specs, _training(self.metadata), self.target, True))
+        self._head = _safetensors_header(self.specs, self.metadata, self.target)
+        self._done = self._produced = 0
+        self._pending: Future | None = None
+        self._stack = ExitStack()
+        try:
+            tmp = self._stack.enter_context(atomic_output(self.target, overwrite, SAFETENSORS))
+            self._file = self._stack.enter_context(_open_temp(tmp, self.target))
+            _write_all(self._file, self._head, self.target)
+            self._sink = _Sink(self._file, self.target, len(self._head), written, hashes)
+            self._thread = self._stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        except BaseException as err:
+            self._stack.__exit__(type(err), err, err.__traceback__)
+            raise
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._stack.__exit__(exc_type, exc, tb)  # waits for the writer thread, removes the temp file
+
+    @property
+    def next_name(self) -> str | None:
+        """The name of the tensor to write next (None when all are written)."""
+        return self.specs[self._done].name if self._done < len(self.specs) else None
+
+    def write(self, name: str, tensor: torch.Tensor | FileSlice) -> None:
+        if name != self.next_name:
+            raise OrthoLoraError(f"tensor {name!r} written out of order (expected {self.next_name!r})", self.target)
+        item = _conform(tensor, self.specs[self._done], self.target)
+        self._wait()
+        if item.nbytes < INLINE_BYTES:  # cheaper written here than handed to the thread (an alpha)
+            self._sink.write(name, item)
+        else:
+            self._pending = self._thread.submit(self._sink.write, name, item)
+        self._done += 1
+        self._produced += item.nbytes
+        del item
+        if self._produced >= WRITEBACK_BYTES:  # hand dropped tensors' heap pages back now and then
+            trim()
+            self._produced = 0
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> dict[str, str]:
+        """Finish the file (every spec must have been written); returns its metadata."""
+        try:
+            if self.next_name is not None:
+                raise OrthoLoraError(f"tensor {self.next_name!r} was never written", self.target)
+            self._wait()
+            if self._sink.hashes is not None:
+                self.metadata.update(self._sink.hashes.hexdigests())
+                head = _safetensors_header(self.specs, self.metadata, self.target)
+                if len(head) != len(self._head):  # placeholders of the hashes' own length: cannot happen
+                    raise OrthoLoraError("header changed length when the hashes were filled in", self.target)
+                self._file.seek(0)
+                _write_all(self._file, head, self.target)
+        except BaseException as err:
+            self._stack.__exit__(type(err), err, err.__traceback__)
+            raise
+        self._stack.close()
+        return self.metadata
+
+
 def write_safetensors_streamed(path: PathLike, specs: list[TensorSpec],
                                produce: Callable[[str], torch.Tensor | FileSlice],
                                metadata: Mapping[str, str] | None = None,
                                overwrite: bool = False,
                                written: Callable[[str], None] | None = None) -> None:
-    """Write a safetensors file tensor by tensor: ``produce(name)`` is called once per spec, in
-    order, and its result written by a writer thread while the next one is produced (the disk
-    works while the caller computes), then dropped: peak memory is two tensors. A result may also
-    be a ``FileSlice`` (a tensor passed through unchanged: copied file to file). ``written(name)``,
-    when given, is called (from the writer thread) once a result is written: a producer that
-    hands out views of reused buffers may reuse them then, and not before. Write errors surface
-    at the next call at the latest."""
-    target = Path(path)
-    head = _safetensors_header(specs, _check_metadata_out(metadata, target), target)
-    with atomic_output(target, overwrite, SAFETENSORS) as tmp, _open_temp(tmp, target) as file:
-        _write_all(file, head, target)
-        sink = _Sink(file, target, len(head), written)
-        with ThreadPoolExecutor(max_workers=1) as writer:
-            pending, produced = None, 0
-            for spec in specs:
-                item = _conform(produce(spec.name), spec, target)
-                if pending is not None:
-                    pending.result()
-                pending = writer.submit(sink.write, spec.name, item)
-                produced += item.nbytes
-                del item
-                if produced >= WRITEBACK_BYTES:  # hand dropped tensors' heap pages back now and then
-                    trim()
-                    produced = 0
-            if pending is not None:
-                pending.result()
+    """Write a safetensors file tensor by tensor (`SafetensorsWriter`): ``produce(name)`` is called
+    once per spec, in order, its result written while the next one is produced, then dropped:
+    peak memory is two tensors. ``written``: see `SafetensorsWriter`."""
+    with SafetensorsWriter(path, specs, metadata, overwrite, written=written) as writer:
+        for spec in specs:
+            writer.write(spec.name, produce(spec.name))
 
 
 WRITEBACK_BYTES = 64 << 20
+INLINE_BYTES = 256 << 10  # smaller tensors are written by the caller, after the thread's last one (cheaper than a hand-off)
 
 
 class _Sink:
-    """Appends tensors' bytes to an open file. Every WRITEBACK_BYTES it hands the file's last two
-    windows to POSIX_FADV_DONTNEED, which starts writeback of the newest (dirty) one and drops the
-    pages of the one before, written back by then: the disk works while the next tensors are
-    produced instead of all at the final fsync, the output does not crowd other files out of the
-    page cache, and new page-cache pages are recycled ones (a first touch of never-used memory
-    costs ~3× the copy on a VM). A hint only: a no-op where unsupported."""
+    """Appends tensors' bytes to an open file (feeding `hashes` on the way, when given). Every
+    WRITEBACK_BYTES it hands the file's last two windows to POSIX_FADV_DONTNEED, which starts
+    writeback of the newest (dirty) one and drops the pages of the one before, written back by
+    then: the disk works while the next tensors are produced instead of all at the final fsync, the
+    output does not crowd other files out of the page cache, and new page-cache pages are recycled
+    ones (a first touch of never-used memory costs ~3× the copy on a VM). A hint only: a no-op
+    where unsupported."""
 
-    def __init__(self, file: io.FileIO, target: Path, offset: int, written: Callable[[str], None] | None):
-        self.file, self.target, self.done = file, target, written
+    def __init__(self, file: io.FileIO, target: Path, offset: int, written: Callable[[str], None] | None,
+                 hashes: _Hashes | None = None):
+        self.file, self.target, self.done, self.hashes = file, target, written, hashes
         self.written, self.windows = offset, [0, 0]  # starts of the last two windows
         self.chunk: memoryview | None = None
 
     def write(self, name: str, item: torch.Tensor | FileSlice) -> None:
         if isinstance(item, FileSlice):
+            if self.hashes is not None:
+                raise OrthoLoraError(f"tensor {name!r}: a hashed file cannot copy stored bytes", self.target)
             self.chunk = self.chunk or memoryview(bytearray(8 << 20))
             item.copy_to(self.file, self.target, self.chunk)
         else:
-            _write_all(self.file, _tensor_bytes(item), self.target)
+            view = _tensor_bytes(item)
+            if self.hashes is not None:
+                self.hashes.update(view)
+            _write_all(self.file, view, self.target)
         self.written += item.nbytes
         if self.done is not None:
             self.done(name)
@@ -688,93 +814,8 @@ class _Sink:
             self.windows = [self.windows[1], self.written]
 
 
-def _owned_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors that share no memory (as safetensors requires)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, tensor in tensors.items():
-        tensor = tensor.detach().to("cpu").contiguous()
-        storage = tensor.untyped_storage()
-        if storage.nbytes() != tensor.nbytes or storage.data_ptr() in seen:
-            tensor = tensor.clone()
-            storage = tensor.untyped_storage()
-        seen.add(storage.data_ptr())
-        out[name] = tensor
-    return out
-
-
-def _read_exactly(file: io.FileIO, position: int, view: memoryview) -> memoryview:
-    """``view`` filled from byte ``position`` of ``file``."""
-    file.seek(position)
-    done = 0
-    while done < len(view):
-        got = file.readinto(view[done:])
-        if not got:
-            raise OSError(errno.EIO, "file ended early")
-        done += got
-    return view
-
-
-def _hashes_of(file: io.FileIO, chunk: memoryview) -> dict[str, str]:
-    """kohya's ``sshs_model_hash``/``sshs_legacy_hash`` of a file saved with the ss_* metadata:
-    model hash = sha256 of the data section, legacy = sha256 of bytes [1 MiB, 1 MiB + 64 KiB);
-    read through ``chunk``."""
-    size = os.fstat(file.fileno()).st_size
-    model = hashlib.sha256()
-    position = 8 + int.from_bytes(_read_exactly(file, 0, chunk[:8]), "little")
-    while position < size:
-        model.update(_read_exactly(file, position, chunk[:size - position]))
-        position += min(len(chunk), size - position)
-    legacy = _read_exactly(file, 0x100000, chunk[:max(0, min(0x10000, size - 0x100000))])
-    return {"sshs_model_hash": model.hexdigest(), "sshs_legacy_hash": hashlib.sha256(legacy).hexdigest()[:8]}
-
-
-def _shift(file: io.FileIO, start: int, end: int, by: int, chunk: memoryview, target: Path) -> None:
-    """Move bytes [start, end) of ``file`` by ``by`` bytes (either way) through ``chunk``, each
-    span read before anything is written over it."""
-    spans = [(p, min(len(chunk), end - p)) for p in range(start, end, len(chunk))]
-    for position, count in (reversed(spans) if by > 0 else spans):
-        part = _read_exactly(file, position, chunk[:count])
-        file.seek(position + by)
-        _write_all(file, part, target)
-
-
 def _training(metadata: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in metadata.items() if k.startswith("ss_")}
-
-
-def save_lora_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
-                          metadata: Mapping[str, str], overwrite: bool = False) -> dict[str, str]:
-    """Save a (LoRA-sized) file with fresh sshs hashes in its metadata; return that metadata.
-    safetensors writes the file straight from the tensors with the ss_*-only metadata that the
-    hashes are taken of; then its header is replaced by the final one (the data moved in place
-    through a small buffer): no serialized copy of the file is ever held in memory."""
-    target = Path(path)
-    final = _check_metadata_out(metadata, target)
-    chunk = memoryview(bytearray(8 << 20))
-    with atomic_output(target, overwrite, SAFETENSORS) as tmp:
-        try:
-            safetensors.torch.save_file(_owned_tensors(tensors), str(tmp), _training(final))
-        except OSError as err:
-            raise write_error(err, target) from err
-        except safetensors.SafetensorError as err:
-            raise OrthoLoraError(f"cannot write: {err}", target) from err
-        try:
-            with open(tmp, "r+b", buffering=0) as file:
-                final.update(_hashes_of(file, chunk))
-                n = int.from_bytes(_read_exactly(file, 0, chunk[:8]), "little")
-                header = json.loads(bytes(_read_exactly(file, 8, memoryview(bytearray(n)))))
-                header["__metadata__"] = final
-                head = json.dumps(header, separators=(",", ":")).encode()
-                head += b" " * (-len(head) % 8)
-                size = os.fstat(file.fileno()).st_size
-                _shift(file, 8 + n, size, len(head) - n, chunk, target)
-                file.seek(0)
-                _write_all(file, len(head).to_bytes(8, "little") + head, target)
-                file.truncate(size + len(head) - n)
-        except OSError as err:
-            raise write_error(err, target) from err
-    return final
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def module_norm(module: NetworkModule) -> float:
 def module_spectrum(module: NetworkModule) -> torch.Tensor:
     """The singular values of one module's dW (scale included), descending, float64."""
     lr = module.lowrank()
-    s = factor_svd(lr)[1] if lr is not None else exact_svd(as_matrix(module.delta().float()))[1]
+    s = factor_svd(lr).s if lr is not None else exact_svd(as_matrix(module.delta().float()))[1]
     return s.detach().cpu().double()
 
 

@@ -10,7 +10,6 @@ layer (LoHa r² ≥ min(out, in·k²)) enter as their exact full-rank SVD (`sour
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
 import torch
@@ -20,7 +19,7 @@ from .arch import Arch
 from .errors import OrthoLoraError
 from .joinmeta import META_KEY, make_join_metadata
 from .lorafile import write_lora
-from .lowrank import LowRank
+from .lowrank import LowRank, concat
 from .progress import Progress
 from .report import Report, Row
 from .run import Run
@@ -32,23 +31,6 @@ from .sources import read_sources, source_names
 # Pure parts
 
 
-def join_lowranks(parts: Sequence[LowRank | None], ratios: Sequence[float]) -> tuple[LowRank, list[int]]:
-    """One LowRank (scale 1) equal to Σ ratio_i·part_i, each source's √|c_i| kept in its own slice;
-    also the per-source ranks (0 for a missing part)."""
-    present = [(p, r) for p, r in zip(parts, ratios) if p is not None]
-    shape = present[0][0].shape
-    ups, downs = [], []
-    for p, ratio in present:
-        if math.prod(p.shape) != math.prod(shape) or p.shape[0] != shape[0]:
-            raise OrthoLoraError(f"sources disagree on a layer's shape: {p.shape} vs {shape}")
-        c = ratio * p.scale
-        root = math.sqrt(abs(c))
-        ups.append(p.up.float() * math.copysign(root, c))
-        downs.append(p.down.float().reshape(p.rank, -1) * root)
-    ranks = [p.rank if p is not None else 0 for p in parts]
-    return LowRank(torch.cat(ups, dim=1), torch.cat(downs, dim=0), 1.0, shape), ranks
-
-
 def join(sources: Sequence[Mapping[str, LowRank]], ratios: Sequence[float], progress: Progress | None = None
          ) -> tuple[dict[str, LowRank], dict[str, list[int]]]:
     """Join every module of every source (union, first-seen order): modules and per-source ranks."""
@@ -57,7 +39,9 @@ def join(sources: Sequence[Mapping[str, LowRank]], ratios: Sequence[float], prog
     for i, name in enumerate(names):
         if progress:
             progress(i + 1, len(names), name)
-        out[name], ranks[name] = join_lowranks([s.get(name) for s in sources], ratios)
+        parts = [s.get(name) for s in sources]
+        out[name], _ = concat(parts, ratios)
+        ranks[name] = [p.rank if p is not None else 0 for p in parts]
     return out, ranks
 
 

@@ -16,9 +16,9 @@ from . import __version__
 from .dtypes import torch_name
 from .errors import OrthoLoraError
 from .arch import ARCH_NAMES, detect
-from .fileio import TensorFile, check_finite, open_tensors, save_lora_safetensors
+from .fileio import SafetensorsWriter, TensorFile, TensorSpec, all_finite, check_finite, layout_order, open_tensors
 from .keys import guess_arch, name_table, resolve
-from .lowrank import LowRank
+from .lowrank import LowRank, kohya_layout
 from .modules import NetworkModule, build_module, suffix_of
 from .shapes import as_matrix, matrix_shape
 
@@ -188,33 +188,78 @@ def _plan(groups: dict[str, dict[str, torch.Tensor]], arch: str | None, path: Pa
     return plan, unknown, unclaimed
 
 
-def read_lora(path: str | bytes | os.PathLike, arch: str | None = None) -> LoraFile:
-    """Read a kohya / LyCORIS / PEFT LoRA file. Architecture: `arch`, else metadata, else names.
+class LoraReader:
+    """A LoRA file opened for reading module by module (`open_lora`): its architecture, metadata and
+    the plan of its modules come from the header (names, shapes; every module built on meta tensors,
+    see _dry_run), and `module(name)` reads that one module's tensors (checked for NaN/Inf). Safe to
+    call from several threads. `names` are in file order; `shapes` maps them to their layer layout."""
+
+    def __init__(self, path: Path, arch: str | None):
+        self.path = path
+        self._file = open_tensors(path)
+        try:
+            self._open(arch)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _open(self, arch: str | None) -> None:
+        f, path = self._file, self.path
+        self.metadata = dict(f.metadata)
+        self._keys, self.stray_keys = _group_keys(f)
+        if not self._keys:
+            raise OrthoLoraError(_not_a_lora(f), path)
+        groups = {raw: _header_group(f, group) for raw, group in self._keys.items()}
+        guessed = arch is None
+        arch = arch or _arch_from_metadata(self.metadata) or guess_arch(list(groups))
+        if guessed and arch in ("sd15", "sd2") and not (self.metadata.get("ss_base_model_version")
+                                                        or self.metadata.get("modelspec.architecture")):
+            arch = _sd1_or_sd2(groups)
+        self.arch = arch
+        self._plan, self.unknown, unclaimed = _plan(groups, arch, path)
+        self.stray_keys += [key for raw in unclaimed for key in self._keys[raw].values()]
+        self.names = list(self._plan)
+        self.shapes = {name: shape for name, (_, _, shape) in self._plan.items()}
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem
+
+    def __enter__(self) -> LoraReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def module(self, name: str) -> NetworkModule:
+        """The module `name` (one of `names`), its tensors read now."""
+        raw, kernel, shape = self._plan[name]
+        tensors = {suffix: self._file.get(key) for suffix, key in self._keys[raw].items()}
+        for suffix, t in tensors.items():
+            check_finite(t, f"{raw}.{suffix}", self.path)
+        module = build_module(name, tensors, kernel)
+        module.shape = shape
+        return module
+
+
+def open_lora(path: str | bytes | os.PathLike, arch: str | None = None) -> LoraReader:
+    """Open a kohya / LyCORIS / PEFT LoRA file for reading module by module (`LoraReader`).
+    Architecture: `arch`, else metadata, else names.
 
     Decided from the header first: module names, shapes (every module built on meta tensors) and
     layer names are checked before any tensor data is read, so a checkpoint or a malformed file is
-    refused at the cost of its header; then only the modules' tensors are read."""
-    path = Path(os.fsdecode(path))
-    with open_tensors(path) as f:
-        meta = dict(f.metadata)
-        keys, stray = _group_keys(f)
-        if not keys:
-            raise OrthoLoraError(_not_a_lora(f), path)
-        groups = {raw: _header_group(f, group) for raw, group in keys.items()}
-        guessed = arch is None
-        arch = arch or _arch_from_metadata(meta) or guess_arch(list(groups))
-        if guessed and arch in ("sd15", "sd2") and not (meta.get("ss_base_model_version") or meta.get("modelspec.architecture")):
-            arch = _sd1_or_sd2(groups)
-        plan, unknown, unclaimed = _plan(groups, arch, path)
-        stray += [key for raw in unclaimed for key in keys[raw].values()]
-        modules: dict[str, NetworkModule] = {}
-        for name, (raw, kernel, shape) in plan.items():
-            tensors = {suffix: f.get(key) for suffix, key in keys[raw].items()}
-            for suffix, t in tensors.items():
-                check_finite(t, f"{raw}.{suffix}", path)
-            modules[name] = build_module(name, tensors, kernel)
-            modules[name].shape = shape
-    return LoraFile(path, arch, modules, meta, unknown, stray)
+    refused at the cost of its header."""
+    return LoraReader(Path(os.fsdecode(path)), arch)
+
+
+def read_lora(path: str | bytes | os.PathLike, arch: str | None = None) -> LoraFile:
+    """Read a whole LoRA file (`open_lora`, then every module's tensors)."""
+    with open_lora(path, arch) as r:
+        modules = {name: r.module(name) for name in r.names}
+    return LoraFile(r.path, r.arch, modules, r.metadata, r.unknown, r.stray_keys)
 
 
 def file_alpha(lowranks: Mapping[str, LowRank]) -> int:
@@ -268,26 +313,88 @@ def lora_metadata(arch: str, lowranks: Mapping[str, LowRank], title: str, extra:
     return meta
 
 
+class LoraWriter:
+    """One kohya LoRA file (the file's one alpha, `file_alpha`, and factors as `LowRank.to_kohya`
+    writes them, `lora_metadata`, fresh sshs hashes) written module by module: every module's shape
+    and rank are given up front (the header holds them all), then each module in the order of
+    `names` (sorted: the file's layout is safetensors' own when all tensors share a dtype), written
+    at once: `add(name, lowrank)`, or `write(name, encode(name, lowrank))` where the encoding (the
+    costly part, thread-safe) runs on worker threads. `close()` (or leaving the `with` block)
+    finishes the file; `metadata` is then final."""
+
+    def __init__(self, path: str | Path, layout: Mapping[str, tuple[tuple[int, ...], int]], arch: str,
+                 dtype: torch.dtype = torch.float16, extra_metadata: dict[str, str] | None = None,
+                 overwrite: bool = False, prediction: str | None = None):
+        self.path, self.dtype = Path(path), dtype
+        self.names = sorted(n for n, (_, rank) in layout.items() if rank)
+        if not self.names:
+            raise OrthoLoraError("nothing to write: every module was skipped or empty", self.path)
+        shapes = {n: _meta_lowrank(*layout[n]) for n in self.names}
+        self.alpha = file_alpha(shapes)
+        self._specs = {n: sorted((TensorSpec(k, dt, shape)
+                                  for k, (dt, shape) in kohya_layout(n, layout[n][0], layout[n][1], dtype,
+                                                                     self.alpha).items()),
+                                 key=layout_order) for n in self.names}
+        self._ranks = {n: layout[n][1] for n in self.names}
+        self._next = 0
+        meta = lora_metadata(arch, shapes, self.path.stem, extra_metadata, prediction)
+        self._writer = SafetensorsWriter(self.path, [t for n in self.names for t in self._specs[n]], meta,
+                                         overwrite, hashed=True)
+        self.metadata = self._writer.metadata
+
+    def __enter__(self) -> LoraWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._writer.__exit__(*exc)
+
+    def encode(self, name: str, lr: LowRank) -> dict[str, torch.Tensor]:
+        """Module `name`'s tensors as the file holds them, after checking its rank is the one
+        announced and that they fit the dtype."""
+        if name not in self._ranks:
+            raise OrthoLoraError(f"module {name} was not announced", self.path)
+        if lr.rank != self._ranks[name]:
+            raise OrthoLoraError(f"module {name} has rank {lr.rank}, not the {self._ranks[name]} announced", self.path)
+        tensors = lr.to_kohya(name, self.dtype, self.alpha)
+        for key, t in tensors.items():
+            if not all_finite(t):
+                raise OrthoLoraError(f"tensor {key} overflows {torch_name(self.dtype)}; "
+                                     "choose a wider output dtype", self.path)
+        return tensors
+
+    def write(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Write module `name` (the next of `names`) from its `encode`d tensors."""
+        if self._next >= len(self.names) or name != self.names[self._next]:
+            raise OrthoLoraError(f"module {name} written out of order", self.path)
+        for spec in self._specs[name]:
+            self._writer.write(spec.name, tensors[spec.name])
+        self._next += 1
+
+    def add(self, name: str, lr: LowRank) -> None:
+        """Write module `name` (the next of `names`), of the rank announced for it."""
+        self.write(name, self.encode(name, lr))
+
+    def close(self) -> dict[str, str]:
+        self.metadata = self._writer.close()
+        return self.metadata
+
+
+def _meta_lowrank(shape: tuple[int, ...], rank: int) -> LowRank:
+    """A LowRank of this shape and rank without data (meta tensors): what the metadata needs."""
+    out, inner = matrix_shape(shape)
+    return LowRank(torch.empty(out, rank, device="meta"), torch.empty(rank, inner, device="meta"), 1.0, tuple(shape))
+
+
 def write_lora(path: str | Path, lowranks: dict[str, LowRank], arch: str, dtype: torch.dtype = torch.float16,
                extra_metadata: dict[str, str] | None = None, overwrite: bool = False,
                prediction: str | None = None) -> dict[str, str]:
     """Write kohya-named LoRA tensors (one alpha for the file, balanced factors) atomically; returns
     metadata (`lora_metadata`; `prediction`: the base model's prediction type when known)."""
-    path = Path(path)
-    alpha = file_alpha(lowranks)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, lr in lowranks.items():
-        if lr.rank == 0:
-            continue
-        tensors.update(lr.to_kohya(name, dtype, alpha))
-    if not tensors:
-        raise OrthoLoraError("nothing to write: every module was skipped or empty", path)
-    for key, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise OrthoLoraError(f"tensor {key} overflows {torch_name(dtype)}; "
-                                 "choose a wider output dtype", path)
-    meta = lora_metadata(arch, lowranks, path.stem, extra_metadata, prediction)
-    return save_lora_safetensors(path, tensors, meta, overwrite)
+    with LoraWriter(path, {n: (lr.shape, lr.rank) for n, lr in lowranks.items()}, arch, dtype, extra_metadata,
+                    overwrite, prediction) as writer:
+        for name in writer.names:
+            writer.add(name, lowranks[name])
+    return writer.metadata
 
 
 

@@ -1,8 +1,8 @@
 """Weighted LoRA + LoRA merge done right (docs/formats.md#mix): exact join, then QR-SVD recompression.
 
-Per module D = Σ_i ratio_i·dW_i is first the exact concatenated LowRank (never adding factors of
-different LoRAs, which would create cross terms); its SVD D = U·S·Vᴴ comes from the factors
-(`svd.factor_svd`, never forming D); a rank policy picks k and the output is up = U_k·√S_k,
+Per module D = Σ_i ratio_i·dW_i is first the exact concatenated LowRank (`lowrank.concat`, never
+adding factors of different LoRAs, which would create cross terms); its SVD D = U·S·Vᴴ comes from
+the factors (`svd.factor_svd`, never forming D); a rank policy picks k and the output is up = U_k·√S_k,
 down = √S_k·V_kᴴ. Relative error ‖D − D_k‖_F/‖D‖_F = √(Σ_{i>k} σ_i²) / √(Σ σ_i²), exact.
 """
 from __future__ import annotations
@@ -16,9 +16,10 @@ import torch
 from . import arguments, prediction
 from .arch import Arch
 from .errors import OrthoLoraError
-from .join import PathLike, join_lowranks, read_sources, source_names
+from .paths import PathLike
+from .sources import read_sources, source_names
 from .lorafile import write_lora
-from .lowrank import LowRank, balanced
+from .lowrank import LowRank, concat
 from .progress import Progress
 from .rank import RankPolicy, as_policy
 from .report import Report, Row, Status
@@ -28,11 +29,11 @@ from .svd import factor_svd
 
 def recompress(lr: LowRank, policy: RankPolicy) -> tuple[LowRank, float]:
     """The best rank-k approximation of lr (k from the policy) and its exact relative error."""
-    u, s, vh = factor_svd(lr)
-    energy = float(s.double().square().sum())
-    k = min(policy.choose(s, lr.shape, energy), len(s)) if energy > 0 else 0
-    rest = float(s[k:].double().square().sum())
-    return balanced(u[:, :k], s[:k], vh[:k], lr.shape), (math.sqrt(rest / energy) if energy > 0 else 0.0)
+    f = factor_svd(lr)
+    energy = float(f.s.square().sum())
+    k = min(policy.choose(f.s[f.s > 0], lr.shape, energy), int((f.s > 0).sum())) if energy > 0 else 0
+    rest = float(f.s[k:].square().sum())
+    return f.truncated(slice(0, k)), (math.sqrt(rest / energy) if energy > 0 else 0.0)
 
 
 def mix(sources: Sequence[Mapping[str, LowRank]], ratios: Sequence[float], policy: RankPolicy,
@@ -43,7 +44,7 @@ def mix(sources: Sequence[Mapping[str, LowRank]], ratios: Sequence[float], polic
     for i, name in enumerate(names):
         if progress:
             progress(i + 1, len(names), name)
-        joined, _ = join_lowranks([s.get(name) for s in sources], ratios)
+        joined, _ = concat([s.get(name) for s in sources], ratios)
         lr, err = recompress(joined, policy)
         out[name] = (lr, joined.rank, err)
     return out

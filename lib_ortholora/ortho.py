@@ -2,7 +2,7 @@
 
 Objective, per layer (default): min over λ ∈ R^K and a direction v of Σ_k ‖dW_k − λ_k·v‖²_F, the
 top singular pair of the K × N matrix of flattened deltas. Solved exactly from the Gram matrix
-G = [⟨dW_i, dW_j⟩] (align.gram, from the factors): G = QΛQᵀ, λ_{k,p} = √Λ_p·Q_kp and
+G = [⟨dW_i, dW_j⟩] (`Layer.gram`, from the factors): G = QΛQᵀ, λ_{k,p} = √Λ_p·Q_kp and
 v_p = Σ_k (Q_kp/√Λ_p)·dW_k, itself an exact concatenated LoRA. Direction p is the optimum after
 removing directions 1…p−1 (the seed's "secondary" is p = 2); the v_p are mutually orthogonal and
 Σ_p λ_{k,p}·v_p = dW_k over all p. Each direction's sign makes Σ_k λ_{k,p} > 0 and its scale
@@ -40,9 +40,10 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import torch
 
@@ -50,16 +51,17 @@ from . import align, arguments, prediction
 from .arch import Arch
 from .errors import OrthoLoraError
 from .keys import name_table
-from .lorafile import LoraFile, read_lora, write_lora
-from .lowrank import LowRank
-from .modules import NetworkModule
+from .lorafile import LoraReader, LoraWriter, open_lora
+from .lowrank import LowRank, concat
+from .parallel import parallel_map
 from .progress import Progress
 from .rank import RankPolicy, as_policy
 from .report import Report, Row, Status
 from .run import Run
+from .svd import core_svd, gram, gram_root
 
 NULL = 1e-7  # a direction with √Λ_p ≤ NULL·√tr G is numerically zero (eigh is exact to ~1e-8 of it)
-EPS = 1e-12  # singular values ≤ EPS·Σ_k |w_k|·‖dW_k‖ are float64 rounding noise of a combination
+NOISE = 1e-16  # an output's σ² ≤ NOISE·(Σ_k |w_k|·‖U_k‖_F·‖D_k‖_F)² is rounding noise of its float64 core
 
 
 @dataclass(frozen=True)
@@ -109,45 +111,66 @@ def solve(g: torch.Tensor) -> Directions:
 
 
 @dataclass(frozen=True)
-class Basis:
-    """One layer's K deltas in a shared orthonormal frame: with the concatenated form U·D
-    (align.stack), U = Qu·Ru and Dᵀ = Qd·Rd, so Σ_k w_k·dW_k = Qu·(Ru·diag(w[owner])·Rdᵀ)·Qdᵀ."""
+class Layer:
+    """One layer's K deltas as one concatenated form U·D = Σ_k dW_k (float64, `lowrank.concat`,
+    owner[j] = the input of rank column j) with its Grams UᵀU and D·Dᵀ: any Σ_k w_k·dW_k is
+    U·diag(w[owner])·D, decomposed from the same Grams (`svd.core_svd`)."""
 
-    qu: torch.Tensor
-    qd: torch.Tensor
-    ru: torch.Tensor
-    rd: torch.Tensor
+    lr: LowRank
     owner: torch.Tensor
+    gu: torch.Tensor
+    gd: torch.Tensor
+    k: int
 
+    @classmethod
+    def of(cls, parts: Sequence[LowRank | None]) -> Layer:
+        lr, owner = concat(parts, dtype=torch.float64)
+        return cls(lr, owner, gram(lr.up), gram(lr.down, rows=True), len(parts))
 
-def basis(parts: Sequence[LowRank | None]) -> Basis:
-    """Two float64 QRs per layer, shared by every output of the layer."""
-    up, down, owner = align.stack(parts)
-    qu, ru = torch.linalg.qr(up)
-    qd, rd = torch.linalg.qr(down.T)
-    return Basis(qu.float(), qd.float(), ru, rd, owner)
+    def gram(self) -> torch.Tensor:
+        """G_ij = ⟨dW_i, dW_j⟩ [K, K] (align.gram_of_grams)."""
+        return align.gram_of_grams(self.gu, self.gd, self.owner, self.k)
 
+    def _core(self, w: torch.Tensor, vectors: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """The SVD of U·diag(ω_i)·D, ω_i = w_i[owner], for each row i of `w` [n, K], as (ω, L, σ, R)
+        of `svd.core_svd` (G_u scaled by ω_i on both sides, one B for all outputs; L and R only with
+        `vectors`). Directions below the rounding noise of the float64 core,
+        σ² ≤ NOISE·(Σ_k |w_ik|·‖U_k‖_F·‖D_k‖_F)², are zero."""
+        omega = w[:, self.owner]
+        sizes = [torch.zeros(self.k, dtype=torch.float64).index_add_(0, self.owner, g.diagonal()).clamp_min(0)
+                 for g in (self.gu, self.gd)]  # ‖U_k‖²_F, ‖D_k‖²_F
+        floor = NOISE * (w.abs() @ (sizes[0] * sizes[1]).sqrt()).square()
+        left, sp, right = core_svd(omega[:, :, None] * self.gu * omega[:, None, :],
+                                   gram_root(self.gd, self.lr.down.shape[1]), floor, rtol=0.0, vectors=vectors)
+        return omega, left, sp, right
 
-def compress(b: Basis, w: torch.Tensor, shape: tuple[int, ...], policy: RankPolicy | None,
-             floors: torch.Tensor) -> list[tuple[LowRank | None, float]]:
-    """Σ_k w_ik·dW_k for each row i of `w` [n, K], as balanced factors: SVD Uc·S·Vcᵀ of the core
-    Ru·diag(w_i[owner])·Rdᵀ (R×R, batched), up = Qu·Uc·√S, down = √S·Vcᵀ·Qdᵀ (the QR-factor SVD
-    in docs/formats.md#factor-svd; one QR pair and one product per side for all outputs). Singular values ≤ floors[i] are
-    rounding noise; `policy` (None: keep the rest, exact) picks the rank. Returns per row the
-    factors (None when rank 0) and the relative Frobenius error of the truncation."""
-    uc, s, vch = torch.linalg.svd((b.ru * w[:, b.owner][:, None, :]) @ b.rd.T, full_matrices=False)
-    ranks, errs = [], []
-    for si, floor in zip(s, floors.tolist()):
-        keep = int((si > floor).sum())
-        r = min(policy.choose(si[:keep], shape), keep) if policy is not None and keep else keep
-        kept = float(si[:keep].square().sum())
-        ranks.append(r)
-        errs.append(math.sqrt(float(si[r:keep].square().sum()) / kept) if kept > 0 else 0.0)
-    root = s.sqrt()
-    up = b.qu @ torch.cat([uc[i, :, :r] * root[i, :r] for i, r in enumerate(ranks)], 1).float()
-    down = torch.cat([root[i, :r, None] * vch[i, :r] for i, r in enumerate(ranks)]).float() @ b.qd.T
-    ups, downs = up.split(ranks, 1), down.split(ranks, 0)
-    return [(LowRank(u, d, 1.0, shape) if r else None, e) for u, d, r, e in zip(ups, downs, ranks, errs)]
+    def plan(self, w: torch.Tensor, policy: RankPolicy | None) -> list[tuple[int, float]]:
+        """Σ_k w_ik·dW_k for each row i of `w` [n, K]: the rank `policy` picks (None: every direction
+        above the noise, exact) and the relative Frobenius error of that truncation (from the
+        singular values alone)."""
+        out = []
+        for si in self._core(w, vectors=False)[2]:
+            keep = int((si > 0).sum())
+            r = min(policy.choose(si[:keep], self.lr.shape), keep) if policy is not None and keep else keep
+            kept = float(si[:keep].square().sum())
+            out.append((r, math.sqrt(float(si[r:keep].square().sum()) / kept) if kept > 0 else 0.0))
+        return out
+
+    def form(self, w: torch.Tensor, ranks: Sequence[int]) -> list[LowRank | None]:
+        """Σ_k w_ik·dW_k truncated to ranks[i] directions (from `plan`), as balanced factors (scale 1,
+        float64; None at rank 0), formed in float64 as U·(ω_i·L·√S) and (√S·R)·D: the factors of
+        different inputs may cancel (a shared part is collinear across the inputs), by ~100× in the
+        benchmark's LoRAs, which float32 products would turn into errors near fp16's rounding."""
+        if not any(ranks):
+            return [None] * len(ranks)
+        omega, left, sp, right = self._core(w)
+        root = sp.sqrt()
+        ups = torch.cat([omega[i, :, None] * left[i, :, :r] * root[i, :r] for i, r in enumerate(ranks)], 1)
+        downs = torch.cat([root[i, :r, None] * right[i, :r] for i, r in enumerate(ranks)])
+        up, down = self.lr.up @ ups, downs @ self.lr.down  # float64 (rounded once, to the file's dtype)
+        return [LowRank(u, d, 1.0, self.lr.shape) if r else None
+                for u, d, r in zip(up.split(list(ranks), 1), down.split(list(ranks), 0), ranks)]
 
 
 @dataclass(frozen=True)
@@ -183,25 +206,6 @@ def output_weights(d: Directions, keys: list[tuple[str, int]]) -> torch.Tensor:
     row k of I − λ_{:,1}·coef_{:,1}ᵀ."""
     a = d.residual_weights()
     return torch.stack([d.coef[:, i - 1] if role == "direction" else a[i] for role, i in keys])
-
-
-def build_outputs(layers: Iterable[tuple[str, list[LowRank | None]]], grams: dict[str, torch.Tensor],
-                  sols: dict[str, Directions], opts: Options
-                  ) -> Iterator[tuple[str, dict[tuple[str, int], LowRank], float]]:
-    """Per layer: its outputs {key: LowRank} (factors in `opts.dtype`, rank-0 outputs left out) and
-    the largest relative truncation error among them."""
-    for name, parts in layers:
-        norms = grams[name].diagonal().clamp_min(0).sqrt()
-        if not float(norms.sum()) > 0:
-            yield name, {}, 0.0
-            continue
-        keys = opts.keys(len(parts))
-        w = output_weights(sols[name], keys)
-        shape = next(tuple(p.shape) for p in parts if p is not None)
-        made = compress(basis(parts), w, shape, opts.policy, EPS * (w.abs() @ norms))
-        found = {key: LowRank(lr.up.to(opts.dtype), lr.down.to(opts.dtype), 1.0, shape)
-                 for key, (lr, _) in zip(keys, made) if lr is not None}
-        yield name, found, max(err for _, err in made)
 
 
 def alignment_report(stems: list[str], arch: str, grams: dict[str, torch.Tensor], ranks: dict[str, int],
@@ -245,7 +249,7 @@ def alignment_report(stems: list[str], arch: str, grams: dict[str, torch.Tensor]
     return report
 
 
-def _common_arch(files: list[LoraFile]) -> str:
+def _common_arch(files: list[LoraReader]) -> str:
     for f in files:
         if f.arch is None:
             raise OrthoLoraError("cannot tell which architecture this LoRA is for", f.path)
@@ -256,30 +260,33 @@ def _common_arch(files: list[LoraFile]) -> str:
     return files[0].arch
 
 
-def _modules(files: list[LoraFile], arch: str) -> dict[str, list[NetworkModule | None]]:
-    """Module name → one module per file (None where absent), in the architecture's layer order."""
+def _layers(files: list[LoraReader], arch: str) -> dict[str, list[bool]]:
+    """Layer name → which files have it, in the architecture's layer order (shapes must agree)."""
     out = {}
     for name in name_table(arch):
-        mods = [f.modules.get(name) for f in files]
-        present = [(f, m) for f, m in zip(files, mods) if m is not None]
-        for f, m in present[1:]:
-            if m.shape != present[0][1].shape:
-                raise OrthoLoraError(f"module {name} is {m.shape} here but {present[0][1].shape} in "
-                                     f"{present[0][0].path.name}", f.path)
+        present = [f for f in files if name in f.shapes]
+        for f in present[1:]:
+            if f.shapes[name] != present[0].shapes[name]:
+                raise OrthoLoraError(f"module {name} is {f.shapes[name]} here but {present[0].shapes[name]} in "
+                                     f"{present[0].path.name}", f.path)
         if present:
-            out[name] = mods
+            out[name] = [name in f.shapes for f in files]
     return out
 
 
-def _lowranks(name: str, mods: list[NetworkModule | None], files: list[LoraFile]) -> list[LowRank | None]:
-    """Exact low-rank forms, made on demand (the files keep their compact storage)."""
-    out = []
-    for m, f in zip(mods, files):
-        lr = m.lowrank() if m is not None else None
-        if m is not None and lr is None:
+def _layer(name: str, where: list[bool], files: list[LoraReader]) -> Layer:
+    """The layer's exact low-rank forms, read from each file that has it."""
+    parts = []
+    for has, f in zip(where, files):
+        if not has:
+            parts.append(None)
+            continue
+        m = f.module(name)
+        lr = m.lowrank()
+        if lr is None:
             raise OrthoLoraError(f"module {name} ({m.family}) has no exact low-rank form", f.path)
-        out.append(lr)
-    return out
+        parts.append(lr)
+    return Layer.of(parts)
 
 
 def _file_name(key: tuple[str, int], stems: list[str], prefix: str) -> str:
@@ -289,7 +296,7 @@ def _file_name(key: tuple[str, int], stems: list[str], prefix: str) -> str:
     return f"{stems[i] if len(set(stems)) == len(stems) else f'{i + 1}_{stems[i]}'}_{prefix}_residual"
 
 
-def _metadata(key: tuple[str, int], files: list[LoraFile], sols: dict[str, Directions],
+def _metadata(key: tuple[str, int], files: list[LoraReader], sols: dict[str, Directions],
               opts: Options) -> dict[str, str]:
     """`ortholora_ortho` JSON (role, mode, sources, λ for all K directions: per module, or one K×K
     list with a global λ) plus the provenance keys."""
@@ -317,7 +324,11 @@ def ortho_lora(paths: Sequence[str | Path], out_dir: str | Path | None = None, *
     holds the heatmap data, see `align`). With `out_dir` (made if missing), write `{prefix}_shared`
     (v_1), `{prefix}_direction{p}` for 2 ≤ p ≤ `directions` and, with `residuals`,
     `{stem}_{prefix}_residual` (= input − λ_{·,1}·shared) per input, all or none; `rank`: the rank
-    policy of every output (None: exact); see `Options`."""
+    policy of every output (None: exact); see `Options`.
+
+    Streamed, layer by layer: a first pass reads each layer of every input and keeps its K×K Gram
+    (and, with per-layer λ, each output's rank); with one global λ a second pass finds the ranks
+    once λ is known; the last pass reads each layer again and writes it into every output at once."""
     paths, out_dir = arguments.path_list(paths), arguments.optional_path(out_dir, "out_dir")
     if len(paths) < 2:
         raise OrthoLoraError(f"orthogonalization needs at least two LoRAs, got {len(paths)}")
@@ -326,7 +337,7 @@ def ortho_lora(paths: Sequence[str | Path], out_dir: str | Path | None = None, *
                    arguments.output_dtype(dtype))
     if not isinstance(prefix, str) or not prefix:
         raise OrthoLoraError(f"prefix must be a non-empty text, got {prefix!r}")
-    with Run("ortho", progress) as run:
+    with Run("ortho", progress) as run, ExitStack() as stack:
         targets = {}
         if out_dir is not None:
             targets = {key: Path(out_dir) / f"{_file_name(key, [p.stem for p in paths], prefix)}.safetensors"
@@ -335,16 +346,23 @@ def ortho_lora(paths: Sequence[str | Path], out_dir: str | Path | None = None, *
         read = run.phase("read", len(paths))
         files = []
         for p in paths:
-            files.append(read_lora(p))
+            files.append(stack.enter_context(open_lora(p)))
             read.step(p.name)
         arch = _common_arch(files)
-        modules = _modules(files, arch)
-        gram = run.phase("gram", len(modules))
-        grams, ranks = {}, {}
-        for name, mods in modules.items():
-            parts = _lowranks(name, mods, files)
-            grams[name], ranks[name] = align.gram(parts), sum(p.rank for p in parts if p is not None)
-            gram.step(name)
+        layers = _layers(files, arch)
+        keys = list(targets)
+        per_layer = keys and not opts.global_lambda
+        gram_phase = run.phase("gram", len(layers))
+
+        def first(name: str) -> tuple[str, torch.Tensor, int, list[tuple[int, float]]]:
+            layer = _layer(name, layers[name], files)
+            g = layer.gram()
+            return name, g, len(layer.owner), layer.plan(output_weights(solve(g), keys), opts.policy) if per_layer else []
+
+        grams, ranks, plans = {}, {}, {}
+        for name, g, r, plan in parallel_map(first, layers):
+            grams[name], ranks[name], plans[name] = g, r, plan
+            gram_phase.step(name)
         sols = directions_of(grams, opts.global_lambda)
         report = run.use(alignment_report([f.stem for f in files], arch, grams, ranks, sols, opts.global_lambda))
         report.totals.update({"directions": opts.directions,
@@ -353,38 +371,55 @@ def ortho_lora(paths: Sequence[str | Path], out_dir: str | Path | None = None, *
         if unknown:
             report.warnings.append(f"{unknown} modules map to no {arch} layer and were left out")
         if targets:
-            _write_outputs(run, targets, files, modules, grams, sols, opts)
+            if opts.global_lambda:
+                rank_phase = run.phase("rank", len(layers))
+
+                def ranked(name: str) -> tuple[str, list[tuple[int, float]]]:
+                    return name, _layer(name, layers[name], files).plan(output_weights(sols[name], keys), opts.policy)
+
+                for name, plan in parallel_map(ranked, layers):
+                    plans[name] = plan
+                    rank_phase.step(name)
+            _write_outputs(run, targets, files, layers, plans, sols, opts)
     return run.report
 
 
-def _write_outputs(run: Run, targets: dict[tuple[str, int], Path], files: list[LoraFile],
-                   modules: dict[str, list[NetworkModule | None]], grams: dict[str, torch.Tensor],
+def _write_outputs(run: Run, targets: dict[tuple[str, int], Path], files: list[LoraReader],
+                   layers: dict[str, list[bool]], plans: dict[str, list[tuple[int, float]]],
                    sols: dict[str, Directions], opts: Options) -> None:
-    """Build every output layer by layer, then write each into its claimed target."""
-    outputs: dict[tuple[str, int], dict[str, LowRank]] = {key: {} for key in targets}
+    """Report each layer's ranks and errors (`plans`: per layer, per output), then read every layer
+    again and write it into every output at once (one claimed output per key, written side by side,
+    in name order), each output of the rank its plan found."""
+    keys = list(targets)
     rows = {r.module: r for r in run.report.rows}
-    layers = ((name, _lowranks(name, mods, files)) for name, mods in modules.items())
-    build = run.phase("build", len(modules))
-    for name, found, err in build_outputs(layers, grams, sols, opts):
-        for key, lr in found.items():
-            outputs[key][name] = lr
-        if found:
-            rows[name].rel_error = err
-            rows[name].rank = found[("direction", 1)].rank if ("direction", 1) in found else None
-        build.step(name)
+    shared = keys.index(("direction", 1)) if ("direction", 1) in keys else None
+    for name, plan in plans.items():
+        if any(r for r, _ in plan):
+            rows[name].rel_error = max(e for _, e in plan)
+            rows[name].rank = plan[shared][0] if shared is not None else None
     run.report.totals["max_rel_error"] = max((r.rel_error for r in rows.values() if r.rel_error is not None),
                                              default=0.0)
-    modules.clear()  # the inputs' tensors are no longer needed: free them before writing
-    for f in files:
-        f.modules.clear()
-    arch = files[0].arch
-    write = run.phase("write", len(targets))
-    for key, path in targets.items():
-        found = outputs.pop(key)
-        if found:
-            write_lora(path, found, arch, opts.dtype, _metadata(key, files, sols, opts),
-                       prediction=prediction.common([f.metadata for f in files], run.report.warnings,
-                                                                 [f.path.name for f in files]))
-        else:
-            run.not_written(path, "it is zero in every layer")
-        write.step(path.name)
+    shapes = {name: next(f.shapes[name] for has, f in zip(where, files) if has) for name, where in layers.items()}
+    names = sorted(name for name, plan in plans.items() if any(r for r, _ in plan))
+    write = run.phase("write", len(names))
+
+    kind = prediction.common([f.metadata for f in files], run.report.warnings, [f.path.name for f in files])
+    with ExitStack() as stack:
+        writers = {}
+        for i, key in enumerate(keys):
+            layout = {name: (shapes[name], plan[i][0]) for name, plan in plans.items() if plan[i][0]}
+            if layout:
+                writers[key] = stack.enter_context(LoraWriter(targets[key], layout, files[0].arch, opts.dtype,
+                                                              _metadata(key, files, sols, opts), prediction=kind))
+            else:
+                run.not_written(targets[key], "it is zero in every layer")
+
+        def work(name: str) -> tuple[str, list[dict[str, torch.Tensor] | None]]:
+            made = _layer(name, layers[name], files).form(output_weights(sols[name], keys), [r for r, _ in plans[name]])
+            return name, [writers[key].encode(name, lr) if lr is not None else None for key, lr in zip(keys, made)]
+
+        for name, encoded in parallel_map(work, names):
+            for key, tensors in zip(keys, encoded):
+                if tensors is not None:
+                    writers[key].write(name, tensors)
+            write.step(name)

@@ -1,31 +1,30 @@
 """Resize LoRAs (docs/formats.md#resize): exact SVD of every layer from its factors, recipes (scores.py), batches.
 
-Decomposition of ΔW = c·up·down (c = alpha/r, up [out, r], down [r, in·k·k]) without forming it:
-from the R factors of Householder QRs up = Q_u·R_u and downᵀ = Q_d·R_d (float32; Q is never
-formed), the eigenpairs (σ'_i², y_i) of the small matrix N = R_d·G_u·R_dᵀ (G_u = R_uᵀ·R_u = upᵀ·up)
-are the squared singular values and right vectors of the QR core M = R_u·R_dᵀ (N = MᵀM), so with
-a_i = R_dᵀ·y_i
-    σ_i = |c|·σ'_i,   u_i = sign(c)·up·a_i / σ'_i,   v_i = downᵀ·G_u·a_i / σ'_i²,
-i.e. U = up·L and Vᴴ = R·down for two small matrices L, R: O((out + in·k²)·r²) for the QRs, r×r
-work in float64, and only kept directions are ever formed. Directions with σ' ≤ 1e-6·σ'_1 (float32
-noise of the factors) count as zero. Kept directions are written balanced (√σ in both factors,
-scale 1; on disk with the file's one alpha, lorafile.file_alpha); layers with none kept are dropped.
+Each layer ΔW = c·up·down is decomposed once (`svd.factor_svd`: σ and the small matrices that turn
+the factors into singular vectors), and every recipe chooses from that one decomposition. A file is
+streamed in two passes, so memory stays at a few layers whatever its size and the number of
+recipes: the first reads each module and keeps only its spectrum (σ and, within KEEP_BYTES, the two
+r×d matrices; past that they are recomputed), the recipes then choose (a `size=` budget needs every
+layer's σ), and the second reads each module again and writes its kept directions into every
+recipe's output at once (one claimed output per recipe, written side by side). Kept directions are
+written balanced (√σ in both factors, scale 1; on disk with the file's one alpha,
+lorafile.file_alpha); layers with none kept are dropped.
 """
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
 from . import arguments, prediction
 from .arch import ARCHS, Arch
 from .errors import OrthoLoraError
-from .lorafile import LoraFile, carried_metadata, read_lora, write_lora
-from .lowrank import LowRank, balanced
-from .modules import NetworkModule
+from .lorafile import LoraReader, LoraWriter, carried_metadata, open_lora
+from .lowrank import LowRank
 from .normcache import BaseCheckpoint, LayerNorms
 from .paths import PathLike
 from .parallel import layer_parallelism, parallel_map
@@ -34,58 +33,9 @@ from .report import Report, Row, Status
 from .run import Run
 from .scores import LayerScoring, Recipe, parse_recipes, references, select
 from .shapes import matrix_shape
+from .svd import Factored, factor_svd
 
-NULL_RTOL = 1e-12  # on σ'², i.e. σ' ≤ 1e-6·σ'_1
-
-
-@dataclass
-class Factored:
-    """ΔW = Σ_i s_i·u_i·v_iᵀ with U = up·left and Vᴴ = right·down (see the module docstring)."""
-
-    up: torch.Tensor     # [out, r] float32
-    down: torch.Tensor   # [r, in·k·k] float32
-    left: torch.Tensor   # [r, d] float64 (d = min(r, in·k·k) directions)
-    s: torch.Tensor      # [d] float64, descending, 0 for null directions
-    right: torch.Tensor  # [d, r] float64
-    shape: tuple[int, ...]
-
-    @property
-    def rank(self) -> int:
-        """The input's rank r (the number of directions is min(r, in·k·k))."""
-        return self.up.shape[1]
-
-    def u(self, idx: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-        return self.up @ self.left[:, idx].float()
-
-    def vh(self, idx: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-        return self.right[idx].float() @ self.down
-
-    def truncated(self, keep: torch.Tensor) -> LowRank:
-        """The kept directions as balanced factors (scale 1)."""
-        idx = keep.nonzero().flatten()
-        return balanced(self.u(idx), self.s[idx].float(), self.vh(idx), self.shape)
-
-
-def factor(lr: LowRank) -> Factored:
-    """Exact SVD of lr in factored form (never forms up@down)."""
-    up, down = lr.up.float(), lr.down.float()
-    if (up.dim() < 2 or down.dim() < 2 or up.flatten(1).shape != (lr.shape[0], down.shape[0])
-            or down.flatten(1).shape[1] != math.prod(lr.shape[1:])):
-        raise OrthoLoraError(f"factors {tuple(lr.up.shape)} and {tuple(lr.down.shape)} do not make "
-                             f"a {tuple(lr.shape)} layer")
-    up, down = up.flatten(1), down.flatten(1)
-    ru = torch.linalg.qr(up, mode="r").R.double()
-    rd = torch.linalg.qr(down.T, mode="r").R.double()
-    gu = ru.T @ ru
-    n = rd @ gu @ rd.T
-    lam, y = torch.linalg.eigh((n + n.T) / 2)
-    lam, y = lam.flip(0), y.flip(1)
-    live = lam > NULL_RTOL * lam[0] if len(lam) and lam[0] > 0 else torch.zeros(len(lam), dtype=torch.bool)
-    sp = torch.where(live, lam.clamp_min(0).sqrt(), 0.0)
-    inv = torch.where(live, 1 / torch.where(live, sp, 1.0), 0.0)
-    a = rd.T @ y
-    sign = -1.0 if lr.scale < 0 else 1.0
-    return Factored(up, down, sign * a * inv, sp * abs(lr.scale), ((gu @ a) * inv.square()).T, lr.shape)
+KEEP_BYTES = 256 << 20  # decompositions (r×d matrices) kept between the passes; the rest are recomputed
 
 
 def subspace_scale(f: Factored, w: torch.Tensor) -> torch.Tensor:
@@ -96,17 +46,22 @@ def subspace_scale(f: Factored, w: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Resizing decomposed layers (pure)
+# Choosing directions (pure)
 
 
 @dataclass
-class Resized:
-    """One recipe's outcome for one LoRA: kept layers, per-layer rows, the log10 threshold used."""
+class Selection:
+    """One recipe's choice for one LoRA: kept-direction masks per layer (over its σ), per-layer
+    rows, the log10 score threshold used (None for kohya's methods)."""
 
     recipe: Recipe
-    lowranks: dict[str, LowRank]
+    masks: dict[str, torch.Tensor]
     rows: list[Row]
     threshold: float | None
+
+    def layout(self, spectra: Mapping[str, Factored]) -> dict[str, tuple[tuple[int, ...], int]]:
+        """Shape and kept rank of every layer that keeps a direction (what its output holds)."""
+        return {name: (spectra[name].shape, int(m.sum())) for name, m in self.masks.items() if m.any()}
 
 
 def _row(name: str, f: Factored, keep: torch.Tensor, norms: LayerNorms | None) -> Row:
@@ -122,25 +77,39 @@ def _row(name: str, f: Factored, keep: torch.Tensor, norms: LayerNorms | None) -
                extra=extra)
 
 
-def resize(factored: Mapping[str, Factored], recipes: Sequence[Recipe], itemsize: int = 2,
+def choose(spectra: Mapping[str, Factored], recipes: Sequence[Recipe], itemsize: int = 2,
            norms: Mapping[str, LayerNorms] | None = None,
-           subspace: Mapping[str, torch.Tensor] | None = None) -> Iterator[Resized]:
-    """Apply every recipe to one decomposition, one result at a time (recipes that score against
-    the base need `norms` / `subspace`; `itemsize` is the output's, for size targets)."""
-    names = list(factored)
+           subspace: Mapping[str, torch.Tensor] | None = None) -> list[Selection]:
+    """Apply every recipe to one decomposition (recipes that score against the base need `norms` /
+    `subspace`; `itemsize` is the output's, for size targets)."""
+    names = list(spectra)
     layers = []
     for name in names:
-        f, n = factored[name], norms.get(name) if norms else None
+        f, n = spectra[name], norms.get(name) if norms else None
         layers.append(LayerScoring(f.s, f.shape, references(
             f.s, n.spectral if n else None, n.frobenius if n else None,
             subspace.get(name) if subspace else None)))
+    out = []
     for recipe in recipes:
         masks, threshold = select(recipe, layers, itemsize)
-        chosen = [(name, m) for name, m in zip(names, masks) if m.any()]
-        kept = dict(parallel_map(lambda item: (item[0], factored[item[0]].truncated(item[1])), chosen))
-        rows = [_row(name, factored[name], m, norms.get(name) if norms else None)
-                for name, m in zip(names, masks)]
-        yield Resized(recipe, kept, rows, threshold)
+        rows = [_row(name, spectra[name], m, norms.get(name) if norms else None) for name, m in zip(names, masks)]
+        out.append(Selection(recipe, dict(zip(names, masks)), rows, threshold))
+    return out
+
+
+def kept_lowranks(f: Factored, masks: Sequence[torch.Tensor]) -> list[LowRank | None]:
+    """For each mask, its directions of `f` (which holds the factors) as balanced factors of scale
+    1 (`Factored.truncated`), or None when it keeps none; the union of the masks is formed once."""
+    union = torch.stack(list(masks)).any(0)
+    if not union.any():
+        return [None] * len(masks)
+    kept = f.truncated(union)
+    out = []
+    for m in masks:
+        sub = m[union]
+        out.append(None if not sub.any() else kept if sub.all() else
+                   LowRank(kept.up[:, sub], kept.down[sub], 1.0, f.shape))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,41 +121,53 @@ def output_path(out_dir: PathLike, stem: str, recipe: Recipe) -> Path:
     return Path(out_dir) / f"{stem}_{recipe.tag}.safetensors"
 
 
-def _decompose(lf: LoraFile, names: list[str], base: BaseCheckpoint | None, subspace: bool,
-               progress: Progress | None) -> tuple[dict[str, Factored], dict[str, torch.Tensor]]:
-    """Factored form of the named modules (and |u_iᵀ·W_base·v_i| when `subspace`, streaming the
-    base); each module leaves `lf` as it is taken, so its tensors are freed once decomposed."""
-    if subspace and base is not None:
-        items: Iterable = ((name, lf.modules.pop(name), w) for name, w in base.weights(names))
-    else:
-        items = ((name, lf.modules.pop(name), None) for name in names)
+def _lowrank(lf: LoraReader, name: str) -> LowRank:
+    module = lf.module(name)
+    lr = module.lowrank()
+    if lr is None:
+        raise OrthoLoraError(f"module {name} ({module.family}) has no exact low-rank form", lf.path)
+    return lr
 
-    def work(item: tuple[str, NetworkModule, torch.Tensor | None]) -> tuple[str, Factored, torch.Tensor | None]:
-        name, module, w = item
-        lr = module.lowrank()
-        if lr is None:
-            raise OrthoLoraError(f"module {name} ({module.family}) has no exact low-rank form", lf.path)
-        try:
-            f = factor(lr)
-        except OrthoLoraError as err:
-            raise OrthoLoraError(f"module {name}: {err.problem}", lf.path) from None
+
+def _factor(lf: LoraReader, name: str) -> Factored:
+    """The module's decomposition, its factors read from the file."""
+    try:
+        return factor_svd(_lowrank(lf, name))
+    except OrthoLoraError as err:
+        if err.path is not None:
+            raise
+        raise OrthoLoraError(f"module {name}: {err.problem}", lf.path) from None
+
+
+def _decompose(lf: LoraReader, names: list[str], base: BaseCheckpoint | None, subspace: bool,
+               progress: Progress | None) -> tuple[dict[str, Factored], dict[str, torch.Tensor]]:
+    """First pass: the spectrum of every named module (its r×d matrices too within KEEP_BYTES), and
+    |u_iᵀ·W_base·v_i| when `subspace` (streaming the base); no factor is kept."""
+    items: Iterable = base.weights(names) if subspace and base is not None else ((n, None) for n in names)
+
+    def work(item: tuple[str, torch.Tensor | None]) -> tuple[str, Factored, torch.Tensor | None]:
+        name, w = item
+        f = _factor(lf, name)
         return name, f, subspace_scale(f, w) if w is not None else None
 
-    factored, scales = {}, {}
+    spectra, scales, budget = {}, {}, KEEP_BYTES
     for i, (name, f, scale) in enumerate(parallel_map(work, items)):
-        factored[name] = f
+        cost = (f.left.numel() + f.right.numel()) * f.left.element_size()
+        keep = cost <= budget
+        budget -= cost if keep else 0
+        spectra[name] = f.released(keep_core=keep)
         if scale is not None:
             scales[name] = scale
         if progress:
             progress(i + 1, len(names), name)
-    return factored, scales
+    return spectra, scales
 
 
-def _check_against_base(lf: LoraFile, names: list[str], base: BaseCheckpoint) -> None:
+def _check_against_base(lf: LoraReader, names: list[str], base: BaseCheckpoint) -> None:
     if lf.arch != base.arch.id:
         raise OrthoLoraError(f"LoRA is for {lf.arch}, the checkpoint is {base.arch.title}", lf.path)
     for name in names:
-        shape, t = lf.modules[name].shape, base.target(name)
+        shape, t = lf.shapes[name], base.target(name)
         if tuple(shape) != tuple(t.shape):
             raise OrthoLoraError(f"module {name} is {tuple(shape)} but the checkpoint's layer is "
                                  f"{tuple(t.shape)}", lf.path)
@@ -198,43 +179,71 @@ def _resize_file(run: Run, path: Path, todo: list[tuple[Recipe, Path]], base: Ba
     go into the run's report. Returns the file's architecture and the base norms computed."""
     report = run.report
     read = run.phase("read", 1)
-    lf = read_lora(path, arch)
-    read.step(path.name)
-    if lf.arch is None:
-        raise OrthoLoraError("cannot tell the architecture; pass it explicitly", path)
-    names = [n for n in lf.modules if n not in lf.unknown]
-    if not names:
-        raise OrthoLoraError("no module maps to a layer of the architecture", path)
-    if lf.unknown or lf.stray_keys:
-        report.warnings.append(f"{path}: ignored {len(lf.unknown)} unknown modules and "
-                               f"{len(lf.stray_keys)} stray tensors")
-    norms, computed = None, 0
-    if base is not None:
-        _check_against_base(lf, names, base)
-        norms, computed = base.norms(names, run.phase("norms"))
-    factored, scales = _decompose(lf, names, base, any(r.uses_subspace for r, _ in todo), run.phase("decompose"))
-    carried = carried_metadata(lf.metadata, lf.arch)
-    results = resize(factored, [r for r, _ in todo], dtype.itemsize, norms, scales)
-    step = run.phase("write", len(todo)).step  # each recipe applied, then written
-    for (recipe, target), res in zip(todo, results):
-        for row in res.rows:
-            row.extra = {"lora": path.stem, "recipe": recipe.tag, **row.extra}
-        report.rows.extend(res.rows)
-        if not res.lowranks:
-            run.not_written(target, f"{recipe.text} keeps no direction of {path.name}")
-            step(target.name)
-            continue
-        extra = {**carried, "ortholora_resize_recipe": recipe.text, "ortholora_resize_source": path.name}
-        if res.threshold is not None and math.isfinite(res.threshold):
-            extra["ortholora_resize_threshold"] = f"{res.threshold:.6g}"
-        write_lora(target, res.lowranks, lf.arch, dtype, extra, prediction=prediction.common([lf.metadata]))
-        size = sum(lr.rank * sum(matrix_shape(lr.shape)) for lr in res.lowranks.values())
+    with open_lora(path, arch) as lf:
+        read.step(path.name)
+        if lf.arch is None:
+            raise OrthoLoraError("cannot tell the architecture; pass it explicitly", path)
+        names = [n for n in lf.names if n not in lf.unknown]
+        if not names:
+            raise OrthoLoraError("no module maps to a layer of the architecture", path)
+        if lf.unknown or lf.stray_keys:
+            report.warnings.append(f"{path}: ignored {len(lf.unknown)} unknown modules and "
+                                   f"{len(lf.stray_keys)} stray tensors")
+        norms, computed = None, 0
+        if base is not None:
+            _check_against_base(lf, names, base)
+            norms, computed = base.norms(names, run.phase("norms"))
+        spectra, scales = _decompose(lf, names, base, any(r.uses_subspace for r, _ in todo), run.phase("decompose"))
+        selections = choose(spectra, [r for r, _ in todo], dtype.itemsize, norms, scales)
+        carried = carried_metadata(lf.metadata, lf.arch)
+        writing = []
+        for (recipe, target), sel in zip(todo, selections):
+            for row in sel.rows:
+                row.extra = {"lora": path.stem, "recipe": recipe.tag, **row.extra}
+            report.rows.extend(sel.rows)
+            if any(m.any() for m in sel.masks.values()):
+                writing.append((sel, target))
+            else:
+                run.not_written(target, f"{recipe.text} keeps no direction of {path.name}")
+        _write(run, lf, spectra, writing, dtype, carried, prediction.common([lf.metadata]))
+    for sel, target in writing:
+        layout = sel.layout(spectra)
+        size = sum(rank * sum(matrix_shape(shape)) for shape, rank in layout.values())
         report.data.setdefault("outputs", []).append({
-            "file": str(target), "lora": path.name, "recipe": recipe.text, "layers": len(res.lowranks),
-            "directions": sum(lr.rank for lr in res.lowranks.values()),
-            "mib": round(size * dtype.itemsize / 2**20, 3), "threshold": res.threshold})
-        step(target.name)
+            "file": str(target), "lora": path.name, "recipe": sel.recipe.text, "layers": len(layout),
+            "directions": sum(rank for _, rank in layout.values()),
+            "mib": round(size * dtype.itemsize / 2**20, 3), "threshold": sel.threshold})
     return lf.arch, computed
+
+
+def _write(run: Run, lf: LoraReader, spectra: dict[str, Factored], writing: list[tuple[Selection, Path]],
+           dtype: torch.dtype, carried: dict[str, str], kind: str | None) -> None:
+    """Second pass: every module that some recipe keeps is read again and its kept directions go to
+    each recipe's output, all outputs written side by side, module by module in name order."""
+    names = sorted(n for n in spectra if any(sel.masks[n].any() for sel, _ in writing))
+    step = run.phase("write", len(names)).step
+
+    with ExitStack() as stack:
+        writers = []
+        for sel, target in writing:
+            extra = {**carried, "ortholora_resize_recipe": sel.recipe.text, "ortholora_resize_source": lf.path.name}
+            if sel.threshold is not None and math.isfinite(sel.threshold):
+                extra["ortholora_resize_threshold"] = f"{sel.threshold:.6g}"
+            writers.append(stack.enter_context(LoraWriter(target, sel.layout(spectra), lf.arch, dtype, extra,
+                                                          prediction=kind)))
+
+        def work(name: str) -> tuple[str, list[dict[str, torch.Tensor] | None]]:
+            f = spectra[name]
+            full = f.with_factors(_lowrank(lf, name)) if f.left is not None else _factor(lf, name)
+            kept = kept_lowranks(Factored(full.left, f.s, full.right, f.shape, full.up, full.down, f.rank),
+                                 [sel.masks[name] for sel, _ in writing])
+            return name, [w.encode(name, lr) if lr is not None else None for w, lr in zip(writers, kept)]
+
+        for name, encoded in parallel_map(work, names):
+            for writer, tensors in zip(writers, encoded):
+                if tensors is not None:
+                    writer.write(name, tensors)
+            step(name)
 
 
 def resize_files(loras: Sequence[PathLike], out_dir: PathLike, recipes: str | Sequence[Recipe],

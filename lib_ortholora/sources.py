@@ -33,7 +33,9 @@ def exact_lowrank(module: NetworkModule) -> LowRank:
     lr = module.lowrank()
     if lr is not None and lr.rank <= full:
         return LowRank(lr.up, lr.down, lr.scale, shape)
-    u, s, vh = factor_svd(lr) if lr is not None else exact_svd(as_matrix(module.delta()))
+    if lr is not None:
+        return factor_svd(LowRank(lr.up, lr.down, lr.scale, shape)).truncated(slice(0, full))
+    u, s, vh = exact_svd(as_matrix(module.delta()))
     return balanced(u[:, :full], s[:full], vh[:full], shape)
 
 

@@ -938,16 +938,17 @@ def test_multi_file_runs_are_all_or_nothing(kit, tmp_path, capsys, monkeypatch):
     case = (lambda: resize_files([kit.lora, bad], out, "rank=2"), ["resize", kit.lora, bad, "-o", out, "-r", "rank=2"])
     refused_everywhere(case, [bad], r"too short", capsys, guard)
 
-    from lib_ortholora import ortho
-    real, calls = ortho.write_lora, []
+    from lib_ortholora.lorafile import LoraWriter
+    real, calls = LoraWriter.write, []
 
-    def second_fails(path, *args, **kwargs):
-        calls.append(path)
-        if len(calls) == 2:
-            raise OrthoLoraError("cannot write: No space left on device", path)
-        return real(path, *args, **kwargs)
+    def second_fails(writer, name, tensors):  # the outputs are written side by side, module by module
+        if writer.path not in calls:
+            calls.append(writer.path)
+        if writer.path == calls[-1] and len(calls) == 2:
+            raise OrthoLoraError("cannot write: No space left on device", writer.path)
+        return real(writer, name, tensors)
 
-    monkeypatch.setattr(ortho, "write_lora", second_fails)
+    monkeypatch.setattr(LoraWriter, "write", second_fails)
     with pytest.raises(OrthoLoraError, match="No space left"):
         ortho_lora([kit.lora, kit.lora2], out, directions=2, residuals=False)
     assert len(calls) == 2

@@ -66,3 +66,18 @@ def test_the_bench_report_has_a_row_per_run_and_the_rest_as_totals(small_extract
     assert "x_baseline" in report.columns() and "minor_faults" in report.columns()
     assert {"error_vs_exact_max_ratio", "baseline_warm_s", "command"} <= set(report.totals)
     assert "wall_s" not in report.totals and "op" not in report.totals
+
+
+@pytest.mark.slow
+def test_small_batch_benchmark_reports_flatness_and_linearity(tmp_path: Path) -> None:
+    from lib_ortholora.benchmarks import batch
+    f = benchmarks.run("batch", "sd15", tmp_path, full=False)
+    inside = f["in_process"]
+    assert "error" not in f["cli_warm"] and f["command"].count(".safetensors") == batch.BATCH
+    assert f["baseline"]["output_mb"] > 0  # the outputs of the whole batch, written as one file
+    for key in ("first_file", f"first_{batch.FIRST}", "all"):
+        assert "error" not in inside[key] and inside[key]["per_file_s"] > 0
+    assert inside["all"]["outputs"] == batch.BATCH and inside["first_file"]["outputs"] == 1
+    assert inside["rss_growth_mb"] == pytest.approx(inside["all"]["peak_rss_mb"] - inside["first_file"]["peak_rss_mb"],
+                                                    abs=0.11)
+    assert inside["time_ratio_linear"] == batch.BATCH / batch.FIRST and inside["time_ratio_all_vs_first"] > 0

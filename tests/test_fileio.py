@@ -15,7 +15,7 @@ import torch
 from lib_ortholora import fileio
 from lib_ortholora.errors import OrthoLoraError
 from lib_ortholora.fileio import (TensorSpec, atomic_output, check_finite, open_tensors,
-                                  safe_output_path, save_lora_safetensors,
+                                  SafetensorsWriter, layout_order, safe_output_path,
                                   write_safetensors_streamed)
 
 ALL_DTYPES = list(fileio.SAFETENSORS_DTYPES.values())
@@ -426,6 +426,16 @@ def lora_tensors() -> dict[str, torch.Tensor]:
         "lora_unet_y.lora_down.weight": torch.randn(300, 700, generator=gen).half(),
         "lora_unet_y.lora_up.weight": torch.randn(900, 300, generator=gen).t(),  # non-contiguous
     }
+
+
+def save_lora_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                          overwrite: bool = False) -> dict[str, str]:
+    """What a LoRA writer does: safetensors' layout, hashed, streamed."""
+    specs = sorted(specs_for(tensors), key=layout_order)
+    with SafetensorsWriter(path, specs, metadata, overwrite, hashed=True) as writer:
+        for spec in specs:
+            writer.write(spec.name, tensors[spec.name])
+    return writer.metadata
 
 
 def test_save_lora_hashes(tmp_path: Path) -> None:

@@ -12,10 +12,10 @@ import lorautil as U
 from lib_ortholora.cli import main
 from lib_ortholora.diag import apply_diag, bake_diag
 from lib_ortholora.errors import OrthoLoraError
-from lib_ortholora.join import join_loras, join_lowranks
+from lib_ortholora.join import join_loras
 from lib_ortholora.joinmeta import META_KEY, join_info_from_metadata
 from lib_ortholora.lorafile import read_lora
-from lib_ortholora.lowrank import LowRank
+from lib_ortholora.lowrank import LowRank, concat
 from lib_ortholora.mix import mix_loras
 from lib_ortholora.sources import exact_lowrank
 
@@ -53,12 +53,12 @@ def sources(tmp_path):
     return [U.save(tmp_path / f"{n}.safetensors", t) for n, t in files.items()]
 
 
-def test_join_lowranks_keeps_each_source_in_its_slice():
+def test_concat_keeps_each_source_in_its_slice():
     g = torch.Generator().manual_seed(0)
     a = LowRank(torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g), 0.5, (6, 5))
     b = LowRank(torch.randn(6, 3, generator=g), torch.randn(3, 5, generator=g), 2.0, (6, 5))
-    joined, ranks = join_lowranks([a, None, b], [1.5, 1.0, -0.25])
-    assert ranks == [2, 0, 3] and joined.scale == 1.0
+    joined, owner = concat([a, None, b], [1.5, 1.0, -0.25])
+    assert owner.tolist() == [0, 0, 2, 2, 2] and joined.scale == 1.0
     assert torch.allclose(joined.delta(), 1.5 * a.delta() - 0.25 * b.delta(), atol=1e-6)
     first = apply_diag(joined, torch.tensor([1.0, 1, 0, 0, 0]))
     assert torch.allclose(first.delta(), 1.5 * a.delta(), atol=1e-6)

@@ -8,12 +8,11 @@ import math
 import pytest
 import torch
 
-from lib_ortholora import align
 from lib_ortholora.cli import main
 from lib_ortholora.errors import OrthoLoraError
 from lib_ortholora.lorafile import read_lora, write_lora
 from lib_ortholora.lowrank import LowRank, concat, rel_error
-from lib_ortholora.ortho import ortho_lora, solve
+from lib_ortholora.ortho import Layer, ortho_lora, solve
 from lib_ortholora.rank import RankPolicy
 from lib_ortholora.svd import factor_svd
 from lorautil import full_tensors, lora_tensors, loha_tensors, sample_targets, save, tiny_targets
@@ -80,7 +79,7 @@ def test_gram_from_factors_matches_dense():
         parts = [lr, None, lr.scaled(-2.0), LowRank(lr.up[:, :1], lr.down[:1], 1.5, lr.shape)]
         zero = torch.zeros(lr.up.shape[0] * lr.down.shape[1], dtype=torch.float64)
         x = torch.stack([flat(p) if p is not None else zero for p in parts])
-        assert torch.allclose(align.gram(parts), x @ x.T, rtol=1e-10, atol=1e-10 * float((x @ x.T).abs().max())), t.name
+        assert torch.allclose(Layer.of(parts).gram(), x @ x.T, rtol=1e-10, atol=1e-10 * float((x @ x.T).abs().max())), t.name
 
 
 def test_exact_solution_matches_dense_svd(tmp_path):
@@ -252,9 +251,9 @@ def test_rank_policy_compression_matches_factor_svd(tmp_path):
     rows = {r.module: r for r in report.rows}
     for t in tgts:
         layer = next(d for d in report.data["layers"] if d["module"] == t.name)
-        sol = solve(align.gram([f[t.name] for f in forms]))
-        exact = concat([f[t.name].scaled(float(sol.coef[k, 0])) for k, f in enumerate(forms)])
-        _, s, _ = factor_svd(exact)
+        sol = solve(Layer.of([f[t.name] for f in forms]).gram())
+        exact, _ = concat([f[t.name].scaled(float(sol.coef[k, 0])) for k, f in enumerate(forms)])
+        s = factor_svd(exact).s
         want = float(s[3:].square().sum().sqrt() / s.square().sum().sqrt())
         assert shared.modules[t.name].rank == rows[t.name].rank == 3
         assert rows[t.name].rel_error == pytest.approx(want, rel=1e-4)

@@ -23,7 +23,8 @@ from lib_ortholora.lowrank import LowRank
 from lib_ortholora.normcache import BaseCheckpoint, spectral_norm
 from lib_ortholora.paths import cache_dir
 from lib_ortholora.outputs import OutputExists
-from lib_ortholora.resize import Factored, factor, output_path, resize, resize_files, subspace_scale
+from lib_ortholora.resize import choose, output_path, resize_files, subspace_scale
+from lib_ortholora.svd import Factored, factor_svd as factor
 from lib_ortholora.scores import keep_budget, log_scores, parse_recipe, parse_recipes
 
 from lorautil import lora_tensors, loha_tensors, save, tiny_targets
@@ -52,7 +53,7 @@ def layer_delta(f: Factored) -> torch.Tensor:
 
 
 def recipe_ranks(lr: LowRank, recipe: str) -> int:
-    return next(resize({"m": factor(lr)}, [parse_recipe(recipe)])).rows[0].rank
+    return choose({"m": factor(lr)}, [parse_recipe(recipe)])[0].rows[0].rank
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,8 +99,8 @@ def test_factor_rank_deficient_and_zero_layers():
     assert torch.allclose(layer_delta(f), dense(lr), atol=1e-5)
     zero = factor(LowRank(torch.zeros(12, 4), torch.randn(4, 9, generator=g), 1.0, (12, 9)))
     assert torch.all(zero.s == 0)
-    row = next(resize({"z": zero}, [parse_recipe("rank=4")]))
-    assert row.lowranks == {} and row.rows[0].status == "zero"
+    sel = choose({"z": zero}, [parse_recipe("rank=4")])[0]
+    assert not sel.masks["z"].any() and sel.layout({"z": zero}) == {} and sel.rows[0].status == "zero"
 
 
 def test_factor_refuses_mismatched_factors():

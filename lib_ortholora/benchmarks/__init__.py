@@ -5,7 +5,8 @@ Each module of this package named in NAMES is one benchmark with
   `prepare(workdir: Path, arch: str, full: bool) -> dict`   (build inputs; not measured), and
   `measure(workdir: Path, arch: str, prepared: dict) -> dict` (the measured work; returns figures),
 and, where the operation is one CLI command,
-  `command(prepared) -> list[str]` (its arguments), `inputs(prepared)` and `output(prepared)` (paths).
+  `command(prepared) -> list[str]` (its arguments), `inputs(prepared)` and `output(prepared)` (paths;
+  `output` may name several files, which the baseline writes as one of their total size).
 `measure` runs in a fresh child process so that its peak RSS is its own. A benchmark with a command
 is also run as that command in a fresh process, with the inputs' page cache cold and then warm, and
 its wall times are given as multiples of the physical baseline measured in the same run: reading
@@ -26,7 +27,7 @@ from ._baseline import baseline, drop_cache
 from ._process import load, run_command
 
 MARKER = ".ortholora-bench"  # in every work folder a benchmark made: its files are ours to replace
-NAMES = ("extract", "merge", "ortho", "resize", "toggle")
+NAMES = ("batch", "extract", "merge", "ortho", "resize", "toggle")
 
 
 def peak_rss_mb() -> float:
@@ -91,8 +92,9 @@ def _as_command(module, workdir: Path, prepared: dict) -> dict:
     if drop_cache(inputs):
         runs["cold"] = run_command(args, workdir)
     runs["warm"] = run_command(args, workdir)
-    out = Path(module.output(prepared))
-    base = baseline(inputs, out.stat().st_size if out.exists() else 0, workdir)
+    outs = module.output(prepared)
+    written = sum(Path(o).stat().st_size for o in ([outs] if isinstance(outs, str) else outs) if Path(o).exists())
+    base = baseline(inputs, written, workdir)
     for cache, figures in runs.items():
         if f"{cache}_s" in base and base[f"{cache}_s"] > 0:
             figures["x_baseline"] = round(figures["wall_s"] / base[f"{cache}_s"], 2)

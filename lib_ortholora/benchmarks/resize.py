@@ -1,7 +1,10 @@
 """Resize benchmark: a rank-128 LoRA on every linear target of a full-size synthetic base, three
 base-aware recipes with a cold and a warm norm cache, a kohya-equivalent sv_ratio run, a subspace
 run (streams the base), an SD1.5 rank-32 → 16 resize against the dense SVD kohya's script does,
-and σ_max methods on full-size layers. Each phase runs in its own process (benchmarks.in_child: its own peak RSS)."""
+and σ_max methods on full-size layers. Each phase runs in its own process (benchmarks.in_child: its
+own peak RSS). The cold run starts from a cold page cache too and is set beside reading the base
+once from a cold page cache (`cold_x_base_read`; target ≤ 1.5). As a CLI command: the three recipes
+with a warm norm cache (its own cache folder, filled when the inputs are prepared)."""
 from __future__ import annotations
 
 import math
@@ -12,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import in_child
+from ._baseline import drop_cache, read_once
 from ..arch import Arch, spec
 from ..fileio import open_tensors
 from ..keys import Target, targets
@@ -20,6 +24,7 @@ from ..lowrank import LowRank, rel_error
 from ..normcache import spectral_norm
 from ..parallel import layer_parallelism, parallel_map
 from ..resize import resize_files
+from ..scores import parse_recipes
 from ..shapes import as_matrix, matrix_shape
 from ..synth import write_pair
 
@@ -61,8 +66,27 @@ def prepare(workdir: Path, arch: str, full: bool) -> dict:
     modules = random_lora(lora, arch, RANK, full) if not lora.exists() else len(read_lora(lora).modules)
     if not small.exists():
         random_lora(small, "sd15", 32, full, seed=1)
-    return {"base": str(base), "lora": str(lora), "sd15": str(small), "modules": modules,
-            "lora_mb": round(lora.stat().st_size / 2**20, 1)}
+    prepared = {"base": str(base), "lora": str(lora), "sd15": str(small), "modules": modules,
+                "lora_mb": round(lora.stat().st_size / 2**20, 1), "cli_cache": str(workdir / "norm-cache-cli"),
+                "cli_out": str(workdir / "out-cli")}
+    if not Path(prepared["cli_cache"]).is_dir():  # the command runs with a warm norm cache
+        resize_files([lora], prepared["cli_out"], RECIPES, base, cache_dir=prepared["cli_cache"], overwrite=True)
+    return prepared
+
+
+def command(prepared: dict) -> list[str]:
+    return ["resize", prepared["base"], prepared["lora"], "-o", prepared["cli_out"], "-r", RECIPES,
+            "--cache-dir", prepared["cli_cache"], "--overwrite", "--quiet"]
+
+
+def inputs(prepared: dict) -> list[str]:
+    """What the command reads: the LoRA (of the base only its header, the norms come from the cache)."""
+    return [prepared["lora"]]
+
+
+def output(prepared: dict) -> list[str]:
+    stem = Path(prepared["lora"]).stem
+    return [str(Path(prepared["cli_out"]) / f"{stem}_{r.tag}.safetensors") for r in parse_recipes(RECIPES)]
 
 
 def _resize(lora: str, out: str, recipes: str, base: str | None, cache: str) -> dict:
@@ -134,7 +158,12 @@ def measure(workdir: Path, arch: str, prepared: dict) -> dict:
     base, lora = prepared["base"], prepared["lora"]
     figures = {"modules": prepared["modules"], "rank": RANK, "lora_mb": prepared["lora_mb"],
                "threads": torch.get_num_threads(), "recipes": RECIPES}
-    figures["cold"] = in_child(_resize, lora, str(out), RECIPES, base, str(cache))
+    drop_cache([base])
+    figures["base_read_cold_s"] = round(read_once([base]), 2)
+    drop_cache([base, lora])
+    figures["cold"] = cold = in_child(_resize, lora, str(out), RECIPES, base, str(cache))
+    if "wall_s" in cold and figures["base_read_cold_s"] > 0:
+        figures["cold_x_base_read"] = round(cold["wall_s"] / figures["base_read_cold_s"], 2)
     figures["warm"] = in_child(_resize, lora, str(out), RECIPES, base, str(cache))
     figures["kohya_sv_ratio"] = in_child(_resize, lora, str(out), KOHYA, None, str(cache))
     figures["subspace_warm"] = in_child(_resize, lora, str(out), SUBSPACE, base, str(cache))
