@@ -68,6 +68,18 @@ def test_the_bench_report_has_a_row_per_run_and_the_rest_as_totals(small_extract
     assert "wall_s" not in report.totals and "op" not in report.totals
 
 
+def test_a_benchmark_of_timed_parts_gets_no_in_process_row_of_its_wrapper() -> None:
+    """resize and batch time their parts (cold, warm, first_file, …) in children: the wrapper's own
+    wall/CPU figures (mostly waiting) must not appear as an "in-process" row."""
+    part = {"wall_s": 6.2, "user_s": 8.7, "sys_s": 1.5, "peak_rss_mb": 506.0}
+    figures = {"in_process": {"wall_s": 143.3, "user_s": 0.94, "sys_s": 3.8, "warm": part, "cold": dict(part),
+                              "modules": 986}}
+    report = as_report(figures, "resize sdxl")
+    assert [r.module for r in report.rows] == ["resize sdxl: warm", "resize sdxl: cold"]
+    assert report.totals["in_process_total_s"] == 143.3 and report.totals["modules"] == 986
+    assert "user_s" not in report.totals
+
+
 @pytest.mark.slow
 def test_small_batch_benchmark_reports_flatness_and_linearity(tmp_path: Path) -> None:
     from lib_ortholora.benchmarks import batch

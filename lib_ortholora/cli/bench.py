@@ -50,9 +50,11 @@ def as_report(figures: dict, title: str) -> Report:
         report.add(_row(f"{title}: in-process", {**inside.pop("op"), **({"error": inside["error"]} if "error" in inside else {})}))
         for k in COLUMNS:
             inside.pop(k, None)
-    elif inside:
+    elif inside and not any(isinstance(v, dict) and "wall_s" in v for v in inside.values()):
         report.add(_row(f"{title}: in-process", inside))
         inside = {k: v for k, v in inside.items() if k not in COLUMNS}
+    elif inside:  # its timed parts follow as rows; the wrapper's own figures are only its total wall time
+        inside = {**{k: v for k, v in inside.items() if k not in COLUMNS}, "in_process_total_s": inside.get("wall_s")}
     for key, value in list(inside.items()):
         if isinstance(value, dict) and "wall_s" in value:
             report.add(_row(f"{title}: {key}", inside.pop(key)))
