@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from . import arguments, prediction
+from . import arguments
 from .arch import Arch
 from .errors import OrthoLoraError
 from .joinmeta import META_KEY, make_join_metadata
@@ -60,13 +60,13 @@ def join_loras(paths: Sequence[PathLike], save_path: PathLike, ratios: float | S
     with Run("join", progress) as run:
         run.claim([save_path], inputs=paths, overwrite=overwrite)
         report = run.report
-        arch, sources = read_sources(paths, report, run.phase("read"))
+        arch, sources, kind = read_sources(paths, report, run.phase("read"))
         joined, ranks = join(sources, ratios, run.phase("join"))
         for name, lr in joined.items():
             report.add(Row(name, rank=lr.rank, extra={"slices": "+".join(map(str, ranks[name]))}))
         meta = make_join_metadata([(n, p.name, r) for n, p, r in zip(labels, paths, ratios)], ranks)
         write = run.phase("write", 1)
-        write_lora(save_path, joined, arch, dtype, {META_KEY: meta}, overwrite, prediction.of_files(paths, report.warnings))
+        write_lora(save_path, joined, arch, dtype, {META_KEY: meta}, overwrite, kind)
         write.step(save_path.name)
         report.totals.update({"architecture": Arch(arch).title,
                               "sources": ", ".join(f"{n}×{r:g}" for n, r in zip(labels, ratios)),

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from . import arguments, prediction
+from . import arguments
 from .arch import Arch
 from .errors import OrthoLoraError
 from .paths import PathLike
@@ -65,7 +65,7 @@ def mix_loras(paths: Sequence[PathLike], save_path: PathLike, rank: int | str | 
     with Run("mix", progress) as run:
         run.claim([save_path], inputs=paths, overwrite=overwrite)
         report = run.report
-        arch, sources = read_sources(paths, report, run.phase("read"))
+        arch, sources, kind = read_sources(paths, report, run.phase("read"))
         mixed = mix(sources, ratios, policy, run.phase("mix"))
         kept = {}
         for name, (lr, joined_rank, err) in mixed.items():
@@ -77,8 +77,7 @@ def mix_loras(paths: Sequence[PathLike], save_path: PathLike, rank: int | str | 
         record = {"sources": [{"name": n, "file": p.name, "ratio": r} for n, p, r in zip(labels, paths, ratios)],
                   "rank": policy.describe()}
         write = run.phase("write", 1)
-        write_lora(save_path, kept, arch, dtype, {"ortholora_mix": json.dumps(record)}, overwrite,
-                   prediction.of_files(paths, report.warnings))
+        write_lora(save_path, kept, arch, dtype, {"ortholora_mix": json.dumps(record)}, overwrite, kind)
         write.step(save_path.name)
         errors = [r.rel_error for r in report.rows if r.status == Status.OK]
         report.totals.update({"architecture": Arch(arch).title,

@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 
 from .arch import UNET, Arch
 from .errors import OrthoLoraError
-from .fileio import TensorFile, open_tensors
+from .fileio import TensorFile
 
 PREDICTIONS = ("epsilon", "v")
 SD2_STATISTIC_KEY = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
@@ -141,11 +141,3 @@ def common(metas: Sequence[Mapping[str, str]], warnings: list[str] | None = None
     found = set(stated)
     return found.pop() if len(found) == 1 else None
 
-
-def of_files(paths: Sequence[str | Path], warnings: list[str] | None = None) -> str | None:
-    """`common` over the metadata of LoRA files (headers only)."""
-    metas = []
-    for p in paths:
-        with open_tensors(p) as f:
-            metas.append(f.metadata)
-    return common(metas, warnings, [Path(p).name for p in paths])

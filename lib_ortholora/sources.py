@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from . import prediction
 from .arch import Arch
 from .errors import OrthoLoraError
 from .joinmeta import safe_source_name
@@ -21,7 +22,6 @@ from .progress import Progress
 from .report import Report
 from .shapes import as_matrix, full_rank
 from .svd import exact_svd, factor_svd
-
 
 
 def exact_lowrank(module: NetworkModule) -> LowRank:
@@ -54,9 +54,10 @@ def source_names(paths: Sequence[Path], names: Sequence[str] | None = None) -> l
 
 
 def read_sources(paths: Sequence[PathLike], report: Report, progress: Progress | None = None
-                 ) -> tuple[str, list[dict[str, LowRank]]]:
+                 ) -> tuple[str, list[dict[str, LowRank]], str | None]:
     """Read LoRA files of one architecture as exact LowRanks in layer layout; what cannot be part
-    of a LoRA (modules matching no layer, bias deltas) is dropped with a warning."""
+    of a LoRA (modules matching no layer, bias deltas) is dropped with a warning. Also returns the
+    prediction type the files all state (`prediction.common`, which warns when they differ)."""
     files = []
     for i, p in enumerate(paths):
         files.append(read_lora(p))
@@ -78,7 +79,8 @@ def read_sources(paths: Sequence[PathLike], report: Report, progress: Progress |
             shape, first = seen.setdefault(name, (tuple(lr.shape), lf.path))
             if tuple(lr.shape) != shape:
                 raise OrthoLoraError(f"module {name} is {tuple(lr.shape)} here but {shape} in {first}", lf.path)
-    return arch, sources
+    kind = prediction.common([lf.metadata for lf in files], report.warnings, [lf.path.name for lf in files])
+    return arch, sources, kind
 
 
 def _source_lowranks(lf: LoraFile, report: Report) -> dict[str, LowRank]:

@@ -22,7 +22,7 @@ def run(cfg: UiConfig, base, tuned, out, rank="", conv_rank="", no_conv=False, s
     return execute(cfg, "Extract",
                    lambda p: ops.extract(cfg, base=base, tuned=tuned, out=out, rank=rank, conv_rank=conv_rank,
                                          conv=not no_conv, skip=float(skip if skip is not None else 1e-6),
-                                         svd=svd, device=device, dtype=dtype, prediction=prediction or "auto",
+                                         svd=svd, device=device, dtype=dtype, prediction=prediction,
                                          overwrite=bool(overwrite), progress=p),
                    ui_progress=ui_progress, cancel=cancel,
                    after=lambda report, o: views.written_lora_views(folders, report, o))
