@@ -156,17 +156,12 @@ class SafetensorsFile(TensorFile):
 
     def prefetch(self, key: str) -> None:
         """Ask the kernel to read ``key``'s bytes into the page cache in the background."""
-        advise = getattr(os, "posix_fadvise", None)
         count = self.nbytes(key)
-        if advise is None or not count:
+        if not count:
             return
         with self._lock:
             if not self._file.closed:
-                try:
-                    advise(self._file.fileno(), self._data_start + self._offsets[key], count,
-                           os.POSIX_FADV_WILLNEED)
-                except OSError:  # only a hint
-                    pass
+                page_hint(self._file.fileno(), self._data_start + self._offsets[key], count, "WILLNEED")
 
     def stored(self, key: str) -> FileSlice:
         self._entry(key)
@@ -219,6 +214,17 @@ class SafetensorsFile(TensorFile):
         with self._lock:
             self._lock.wait_for(lambda: not self._readers)
             self._file.close()
+
+
+def page_hint(fd: int, offset: int, length: int, advice: str) -> None:
+    """Pass `posix_fadvise(POSIX_FADV_<advice>)` (WILLNEED, DONTNEED) for a byte range where the OS
+    has it; only a hint, so a failure is ignored."""
+    advise, flag = getattr(os, "posix_fadvise", None), getattr(os, f"POSIX_FADV_{advice}", None)
+    if advise is not None and flag is not None:
+        try:
+            advise(fd, offset, length, flag)
+        except (OSError, ValueError):
+            pass
 
 
 @dataclass(frozen=True)
@@ -804,13 +810,7 @@ class _Sink:
         if self.done is not None:
             self.done(name)
         if self.written - self.windows[1] >= WRITEBACK_BYTES:
-            advise = getattr(os, "posix_fadvise", None)
-            try:
-                if advise is not None:
-                    advise(self.file.fileno(), self.windows[0], self.written - self.windows[0],
-                           os.POSIX_FADV_DONTNEED)
-            except (AttributeError, OSError, ValueError):
-                pass
+            page_hint(self.file.fileno(), self.windows[0], self.written - self.windows[0], "DONTNEED")
             self.windows = [self.windows[1], self.written]
 
 
