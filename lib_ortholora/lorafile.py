@@ -6,7 +6,7 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from .fileio import SafetensorsWriter, TensorFile, TensorSpec, all_finite, check
 from .keys import guess_arch, name_table, resolve
 from .lowrank import LowRank, kohya_layout
 from .modules import NetworkModule, build_module, suffix_of
+from .parallel import parallel_map
 from .shapes import as_matrix, matrix_shape
 
 
@@ -379,6 +380,21 @@ class LoraWriter:
         return self.metadata
 
 
+def write_side_by_side(writers: Sequence[LoraWriter | None], names: Sequence[str],
+                       make: Callable[[str], Sequence[LowRank | None]], step: Callable[[str], None]) -> None:
+    """Write several LoRA files at once, module by module in `names` order: `make(name)` gives the
+    module's LowRank for each writer (None: not in that file); making and encoding run on worker
+    threads, the writes in order on this one."""
+    def work(name: str) -> tuple[str, list[dict[str, torch.Tensor] | None]]:
+        return name, [w.encode(name, lr) if lr is not None else None for w, lr in zip(writers, make(name))]
+
+    for name, encoded in parallel_map(work, names):
+        for writer, tensors in zip(writers, encoded):
+            if tensors is not None:
+                writer.write(name, tensors)
+        step(name)
+
+
 def _meta_lowrank(shape: tuple[int, ...], rank: int) -> LowRank:
     """A LowRank of this shape and rank without data (meta tensors): what the metadata needs."""
     out, inner = matrix_shape(shape)
@@ -395,7 +411,6 @@ def write_lora(path: str | Path, lowranks: dict[str, LowRank], arch: str, dtype:
         for name in writer.names:
             writer.add(name, lowranks[name])
     return writer.metadata
-
 
 
 def carried_metadata(meta: Mapping[str, str], arch: str) -> dict[str, str]:

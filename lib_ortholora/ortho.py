@@ -51,7 +51,7 @@ from . import align, arguments, prediction
 from .arch import Arch
 from .errors import OrthoLoraError
 from .keys import name_table
-from .lorafile import LoraReader, LoraWriter, open_lora
+from .lorafile import LoraReader, LoraWriter, open_lora, write_side_by_side
 from .lowrank import LowRank, concat
 from .parallel import parallel_map
 from .progress import Progress
@@ -414,12 +414,7 @@ def _write_outputs(run: Run, targets: dict[tuple[str, int], Path], files: list[L
             else:
                 run.not_written(targets[key], "it is zero in every layer")
 
-        def work(name: str) -> tuple[str, list[dict[str, torch.Tensor] | None]]:
-            made = _layer(name, layers[name], files).form(output_weights(sols[name], keys), [r for r, _ in plans[name]])
-            return name, [writers[key].encode(name, lr) if lr is not None else None for key, lr in zip(keys, made)]
+        def made(name: str) -> list[LowRank | None]:
+            return _layer(name, layers[name], files).form(output_weights(sols[name], keys), [r for r, _ in plans[name]])
 
-        for name, encoded in parallel_map(work, names):
-            for key, tensors in zip(keys, encoded):
-                if tensors is not None:
-                    writers[key].write(name, tensors)
-            write.step(name)
+        write_side_by_side([writers.get(key) for key in keys], names, made, write.step)

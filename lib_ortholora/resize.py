@@ -23,7 +23,7 @@ import torch
 from . import arguments, prediction
 from .arch import ARCHS, Arch
 from .errors import OrthoLoraError
-from .lorafile import LoraReader, LoraWriter, carried_metadata, open_lora
+from .lorafile import LoraReader, LoraWriter, carried_metadata, open_lora, write_side_by_side
 from .lowrank import LowRank
 from .normcache import BaseCheckpoint, LayerNorms
 from .paths import PathLike
@@ -232,18 +232,13 @@ def _write(run: Run, lf: LoraReader, spectra: dict[str, Factored], writing: list
             writers.append(stack.enter_context(LoraWriter(target, sel.layout(spectra), lf.arch, dtype, extra,
                                                           prediction=kind)))
 
-        def work(name: str) -> tuple[str, list[dict[str, torch.Tensor] | None]]:
+        def kept(name: str) -> list[LowRank | None]:
             f = spectra[name]
             full = f.with_factors(_lowrank(lf, name)) if f.left is not None else _factor(lf, name)
-            kept = kept_lowranks(Factored(full.left, f.s, full.right, f.shape, full.up, full.down, f.rank),
+            return kept_lowranks(Factored(full.left, f.s, full.right, f.shape, full.up, full.down, f.rank),
                                  [sel.masks[name] for sel, _ in writing])
-            return name, [w.encode(name, lr) if lr is not None else None for w, lr in zip(writers, kept)]
 
-        for name, encoded in parallel_map(work, names):
-            for writer, tensors in zip(writers, encoded):
-                if tensors is not None:
-                    writer.write(name, tensors)
-            step(name)
+        write_side_by_side(writers, names, kept, step)
 
 
 def resize_files(loras: Sequence[PathLike], out_dir: PathLike, recipes: str | Sequence[Recipe],
