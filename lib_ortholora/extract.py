@@ -126,7 +126,7 @@ def extract(base: TensorFile, tuned: TensorFile, policy: RankPolicy, conv_policy
     out: dict[str, LowRank] = {}
     groups = _by_tensor(todo)
     layer_bytes = 4 * max((math.prod(t.shape) for t in todo), default=0)  # one float32 layer
-    reads = {name: max((f.nbytes(g[0].ckpt_key) for g in groups), default=0)
+    reads = {name: max((f.buffer_bytes(g[0].ckpt_key) for g in groups), default=0)
              for name, f in (("base", base), ("tuned", tuned))}
     if dev.type == "cpu":
         host = work = PerThread(dev, {"delta": layer_bytes, "scratch": layer_bytes, **reads})
@@ -136,7 +136,7 @@ def extract(base: TensorFile, tuned: TensorFile, policy: RankPolicy, conv_policy
     def layers(group: list[Target]) -> list[tuple[Target, LowRank | None, float]]:
         """(target, LowRank or None when skipped, rel. error or max|D|) for one tensor's targets."""
         buffers, space = host.get(), work.get()
-        pair = [f.get(group[0].ckpt_key, buffers.take(name, (f.nbytes(group[0].ckpt_key),), torch.uint8))
+        pair = [f.get(group[0].ckpt_key, buffers.take(name, (f.buffer_bytes(group[0].ckpt_key),), torch.uint8))
                 for name, f in (("base", base), ("tuned", tuned))]
         results = []
         for t in group:
@@ -149,7 +149,11 @@ def extract(base: TensorFile, tuned: TensorFile, policy: RankPolicy, conv_policy
         return results
 
     done = 0
-    for results in parallel_map(layers, prefetched(groups, (base, tuned), lambda g: g[0].ckpt_key)):
+    def hinted(group: list[Target]) -> str | None:
+        key = group[0].ckpt_key
+        return None if base.reads_direct(key) and tuned.reads_direct(key) else key
+
+    for results in parallel_map(layers, prefetched(groups, (base, tuned), hinted)):
         for t, lr, value in results:
             row = report.add(Row(t.name, extra={"block": t.block, "shape": "×".join(map(str, t.shape))}))
             if lr is None:

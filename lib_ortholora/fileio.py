@@ -23,6 +23,7 @@ import numpy
 import safetensors.torch
 import torch
 
+from . import directio
 from .dtypes import SAFETENSORS_CODES as _DTYPE_NAMES
 from .dtypes import SAFETENSORS_DTYPES
 from .errors import OrthoLoraError, printable
@@ -105,6 +106,16 @@ class TensorFile(ABC):
         ``memory.Workspace``) lets a reader put the data there instead of in fresh memory: the
         result may then be a view of it, valid only until the buffer is reused."""
 
+    def buffer_bytes(self, key: str) -> int:
+        """Bytes a ``get`` buffer for ``key`` should hold: ``nbytes``, or a little more where the
+        reader can then read into it directly (SafetensorsFile: directio)."""
+        return self.nbytes(key)
+
+    def reads_direct(self, key: str) -> bool:
+        """Whether ``get`` with a ``buffer_bytes`` buffer bypasses the page cache when it is cold
+        (then a ``prefetch`` would fill the page cache for nothing)."""
+        return False
+
     def prefetch(self, key: str) -> None:
         """Hint that ``key`` will be read soon, so that the OS can start reading it from disk
         (no memory of this process is used; a no-op where there is nothing to gain)."""
@@ -138,21 +149,38 @@ class SafetensorsFile(TensorFile):
         self._offsets = {name: begin for name, (_, _, begin) in entries.items()}
         self._lock = threading.Condition()
         self._readers = 0
+        self._direct = directio.DirectReader(self._file.fileno())
         super().__init__(path, {k: (d, s) for k, (d, s, _) in entries.items()}, metadata)
 
     def get(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor: into fresh memory that the result owns, or into ``buffer`` (then the
-        result is a view of it)."""
+        result is a view of it: at its start, or, for a direct read into a buffer of
+        ``buffer_bytes``, at the offset that aligns it, directio.place)."""
         dtype, shape = self._entry(key)
         count = self.nbytes(key)
         if buffer is None:
             buffer = torch.empty(count, dtype=torch.uint8)  # no zero-fill: every byte is read over
         elif buffer.device.type != "cpu" or not buffer.is_contiguous() or buffer.nbytes < count:
             raise ValueError(f"buffer for {key!r} must be a contiguous CPU tensor of ≥ {count} bytes")
-        data = buffer.view(-1).view(torch.uint8)[:count]
+        flat = buffer.view(-1).view(torch.uint8)
+        position = self._data_start + self._offsets[key]
+        direct = self.reads_direct(key) and flat.numel() >= self.buffer_bytes(key)
+        start = directio.place(flat.data_ptr(), position) if direct else 0
+        data = flat[start:start + count]
         if count:
-            self._read_into(key, _tensor_bytes(data))
+            done = self._read_direct(position, flat, start, count) if start else 0
+            if done < count:
+                self._read_at(position + done, _tensor_bytes(data)[done:], key)
         return data.view(dtype).view(shape)
+
+    def buffer_bytes(self, key: str) -> int:
+        """``nbytes(key)`` plus the room a direct read needs (directio.SLACK) where it can be one:
+        ``get`` then places the data inside the buffer at an aligned offset."""
+        count = self.nbytes(key)
+        return count + directio.SLACK if self._direct.enabled and count >= directio.MIN_BYTES else count
+
+    def reads_direct(self, key: str) -> bool:
+        return self.buffer_bytes(key) > self.nbytes(key)
 
     def prefetch(self, key: str) -> None:
         """Ask the kernel to read ``key``'s bytes into the page cache in the background."""
@@ -167,8 +195,20 @@ class SafetensorsFile(TensorFile):
         self._entry(key)
         return FileSlice(self, key, self._data_start + self._offsets[key], self.nbytes(key))
 
-    def _read_into(self, key: str, view: memoryview) -> None:
-        self._read_at(self._data_start + self._offsets[key], view, key)
+    def _read_direct(self, position: int, flat: torch.Tensor, start: int, count: int) -> int:
+        """Bytes of the tensor at `position` read into flat[start:] with directio (0 when cached)."""
+        with self._lock:
+            if self._file.closed:
+                raise OrthoLoraError("file is closed", self.path)
+            self._readers += 1
+        try:
+            return self._direct.read(_tensor_bytes(flat), start, position, count)
+        except OSError as err:
+            raise OrthoLoraError(f"cannot read: {err.strerror or err}", self.path) from err
+        finally:
+            with self._lock:
+                self._readers -= 1
+                self._lock.notify_all()
 
     def _read_at(self, position: int, view: memoryview, key: str) -> None:
         """Fill ``view`` from byte ``position`` of the file (part of tensor ``key``). Threads read
@@ -213,6 +253,7 @@ class SafetensorsFile(TensorFile):
     def close(self) -> None:
         with self._lock:
             self._lock.wait_for(lambda: not self._readers)
+            self._direct.close()
             self._file.close()
 
 
@@ -281,14 +322,15 @@ class DictTensorFile(TensorFile):
         self._tensors = {}
 
 
-def prefetched(items: Iterable[_T], files: Iterable[TensorFile], key: Callable[[_T], str]) -> Iterator[_T]:
+def prefetched(items: Iterable[_T], files: Iterable[TensorFile], key: Callable[[_T], str | None]) -> Iterator[_T]:
     """The items in order, the tensor ``key(item)`` of each file announced to the OS (``prefetch``)
-    as the item is handed out: a consumer that draws a few items ahead of its work has the page
-    cache fill while earlier items are processed."""
+    as the item is handed out (none where ``key`` gives None: a tensor read directly): a consumer
+    that draws a few items ahead of its work has the page cache fill while earlier items are processed."""
     files = tuple(files)
     for item in items:
-        for f in files:
-            f.prefetch(key(item))
+        name = key(item)
+        for f in files if name is not None else ():
+            f.prefetch(name)
         yield item
 
 

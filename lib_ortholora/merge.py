@@ -140,16 +140,21 @@ def merged_tensor(w: torch.Tensor, contributions: Sequence[Contribution], dtype:
 
 def _merged(f: TensorFile, plan: Mapping[str, list[Contribution]], dtype: torch.dtype | None,
             paths: tuple[Path, Path]) -> tuple[Callable[[str], tuple[str, torch.Tensor | FileSlice]], Ring,
-                                               Callable[[str], None]]:
-    """(output(key), its buffer ring, written(key)). `output` (run on worker threads, any number
-    of keys ahead) gives each output tensor: an unchanged tensor as its stored bytes (copied file
-    to file), anything else in a ring buffer of its own (merged layers in place when the item
-    size is kept) until `written(key)` gives it back. Ring turns follow the file order."""
+                                               Callable[[str], None], Callable[[str], str | None]]:
+    """(output(key), its buffer ring, written(key), hinted(key)). `output` (run on worker threads,
+    any number of keys ahead) gives each output tensor: an unchanged tensor as its stored bytes
+    (copied file to file), anything else in a ring buffer of its own (merged layers in place when
+    the item size is kept) until `written(key)` gives it back. Ring turns follow the file order.
+    `hinted` is the key to prefetch (`fileio.prefetched`), None for one read directly."""
     base, out = paths
     to = {k: _out_dtype(f.dtype(k), dtype) for k in f.keys()}
-    turns = {k: i for i, k in enumerate(k for k in f.keys() if k in plan or to[k] != f.dtype(k) or f.stored(k) is None)}
+    # read into a ring buffer: what changes, and unchanged tensors that fit one and that a cold
+    # file hands over without its page cache (directio); the rest is copied file to file
+    largest = max((f.buffer_bytes(k) for k in plan), default=0)
+    turns = {k: i for i, k in enumerate(k for k in f.keys() if k in plan or to[k] != f.dtype(k) or f.stored(k) is None
+                                        or (f.reads_direct(k) and f.buffer_bytes(k) <= largest))}
     ring = Ring(2 * torch.get_num_threads() + 2,  # ≥ the layers computed at once + the one being written
-                sizes={"read": max((f.nbytes(k) for k in plan), default=0)})
+                sizes={"read": max((f.buffer_bytes(k) for k in turns), default=0)})
     scratch = PerThread("cpu", {"acc": 4 * BLOCK})
     held: dict[str, Workspace] = {}
 
@@ -158,12 +163,12 @@ def _merged(f: TensorFile, plan: Mapping[str, list[Contribution]], dtype: torch.
             return key, f.stored(key)
         work = ring.acquire(turns[key])
         try:
-            buf = work.take("read", (f.nbytes(key),), torch.uint8)
+            buf = work.take("read", (f.buffer_bytes(key),), torch.uint8)
             w = f.get(key, buf)
             if key not in plan:
                 result = w if to[key] == w.dtype else work.take("out", w.shape, to[key]).copy_(w)
             else:
-                own = w.data_ptr() == buf.data_ptr() and to[key].itemsize == w.dtype.itemsize
+                own = w.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() and to[key].itemsize == w.dtype.itemsize
                 result = merged_tensor(w, plan[key], to[key], w.view(to[key]) if own else
                                        work.take("out", w.shape, to[key]), scratch.get())
                 try:
@@ -181,7 +186,11 @@ def _merged(f: TensorFile, plan: Mapping[str, list[Contribution]], dtype: torch.
         if key in held:
             ring.release(held.pop(key))
 
-    return output, ring, written
+    def hinted(key: str) -> str | None:
+        """The key, to prefetch, unless it is read directly (then None)."""
+        return None if key in turns and f.reads_direct(key) else key
+
+    return output, ring, written, hinted
 
 
 def _out_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
@@ -232,9 +241,9 @@ def merge_lora(base_path: PathLike, lora_path: PathLike | Sequence[PathLike], mu
             step = run.phase("merge", len(specs)).step
             meta = {k: v for k, v in f.metadata.items() if "hash" not in k.lower()}
             meta["ortholora_merge"] = json.dumps([{"file": p.name, "multiplier": m} for p, m in zip(paths, mults)])
-            output, ring, written = _merged(f, plan, dtype, (base, out))
+            output, ring, written, hinted = _merged(f, plan, dtype, (base, out))
             # layers merged on worker threads, in order, while the writer writes the previous ones
-            stream = parallel_map(output, prefetched([s.name for s in specs], (f,), str), ahead=AHEAD)
+            stream = parallel_map(output, prefetched([s.name for s in specs], (f,), hinted), ahead=AHEAD)
 
             def produce(key: str) -> torch.Tensor | FileSlice:
                 step(key)
