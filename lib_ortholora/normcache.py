@@ -212,7 +212,7 @@ class BaseCheckpoint:
             for_key = by_key.get(key)
             if not for_key:
                 continue
-            w = self.file.get(key)
+            w = self.file.get(key, torch.empty(self.file.buffer_bytes(key), dtype=torch.uint8))  # directio when cold
             check_finite(w, key, self.path)
             for t in for_key:
                 yield t, rows_of(w, t.rows)
