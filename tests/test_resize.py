@@ -376,7 +376,7 @@ def test_warm_norm_cache_reads_no_tensor_data(pairs, tmp_path, monkeypatch):
     monkeypatch.setattr(normcache, "layer_norms", lambda w: pytest.fail("norms recomputed"))
     reads = []
     real_get = SafetensorsFile.get
-    monkeypatch.setattr(SafetensorsFile, "get", lambda self, key: reads.append(key) or real_get(self, key))
+    monkeypatch.setattr(SafetensorsFile, "get", lambda self, key, buffer=None: reads.append(key) or real_get(self, key, buffer))
     monkeypatch.setattr(normcache, "RACY_NS", 0)
     assert _norms(ckpt, cache, names)[1] == 0 and reads  # hashed again, now recorded
     assert len(list(cache.glob("file-*.json"))) == 1
