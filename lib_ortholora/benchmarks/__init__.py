@@ -23,7 +23,7 @@ from importlib import import_module
 from pathlib import Path
 
 from ..errors import OrthoLoraError
-from ._baseline import baseline, drop_cache
+from ._baseline import baseline, drop_cache, read_once
 from ._process import load, run_command
 
 MARKER = ".ortholora-bench"  # in every work folder a benchmark made: its files are ours to replace
@@ -85,12 +85,14 @@ def _measure(name: str, workdir: str, arch: str, prepared: dict) -> dict:
 
 
 def _as_command(module, workdir: Path, prepared: dict) -> dict:
-    """The command cold (inputs dropped from the page cache first, where possible) and warm, then the
-    baseline, each wall time also as a multiple of its baseline."""
+    """The command cold (inputs dropped from the page cache first, where possible) and warm (inputs
+    read once first: a cold run's direct reads leave the page cache as it was), then the baseline,
+    each wall time also as a multiple of its baseline."""
     inputs, args = module.inputs(prepared), module.command(prepared)
     runs = {}
     if drop_cache(inputs):
         runs["cold"] = run_command(args, workdir)
+    read_once(inputs)
     runs["warm"] = run_command(args, workdir)
     outs = module.output(prepared)
     written = sum(Path(o).stat().st_size for o in ([outs] if isinstance(outs, str) else outs) if Path(o).exists())
