@@ -48,6 +48,7 @@ from .arch import detect
 from .errors import OrthoLoraError
 from .fileio import TensorFile, check_finite, json_outline, open_tensors
 from .keys import Target, rows_of, targets
+from .memory import PerThread, Workspace
 from .outputs import atomic_output
 from .parallel import parallel_map
 from .progress import Progress
@@ -121,9 +122,11 @@ def _top_ritz(alphas: list[float], betas: list[float], exact: bool = False) -> t
     return float(s[0]), betas[k - 1] * abs(float(x[-1, 0]))
 
 
-def layer_norms(w: torch.Tensor) -> LayerNorms:
-    """σ_max and ‖·‖_F of a weight flattened to [out, in·k·k] (computed in float32)."""
-    flat = as_matrix(w.float())
+def layer_norms(w: torch.Tensor, work: Workspace | None = None) -> LayerNorms:
+    """σ_max and ‖·‖_F of a weight flattened to [out, in·k·k] (computed in float32, in `work`'s
+    buffer when given)."""
+    flat = as_matrix(w)
+    flat = (work.take("float32", flat.shape, torch.float32) if work is not None else torch.empty(flat.shape)).copy_(flat)
     return LayerNorms(spectral_norm(flat), float(torch.linalg.vector_norm(flat)))
 
 
@@ -200,21 +203,27 @@ class BaseCheckpoint:
                                  "checkpoint", self.path)
         return t
 
-    def blocks(self, names: Iterable[str]) -> Iterator[tuple[Target, torch.Tensor]]:
-        """(target, weight as stored: its row block for q/k/v) for each name, in checkpoint order,
-        one stored tensor in memory at a time (q/k/v share one read of in_proj_weight), each
-        refused if it holds NaN or Inf."""
+    def groups(self, names: Iterable[str]) -> list[tuple[str, list[Target]]]:
+        """(checkpoint key, the named targets in it) in checkpoint order: q/k/v share in_proj_weight."""
         by_key: dict[str, list[Target]] = {}
         for name in names:
             t = self.target(name)
             by_key.setdefault(t.ckpt_key, []).append(t)
-        for key in self.file.keys():
-            for_key = by_key.get(key)
-            if not for_key:
-                continue
-            w = self.file.get(key, torch.empty(self.file.buffer_bytes(key), dtype=torch.uint8))  # directio when cold
-            check_finite(w, key, self.path)
-            for t in for_key:
+        return [(key, by_key[key]) for key in self.file.keys() if key in by_key]
+
+    def read(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """One stored tensor (into `buffer`, of ≥ `file.buffer_bytes(key)` bytes, when given: a cold
+        file is then read directly, directio), refused if it holds NaN or Inf."""
+        w = self.file.get(key, buffer if buffer is not None else torch.empty(self.file.buffer_bytes(key), dtype=torch.uint8))
+        check_finite(w, key, self.path)
+        return w
+
+    def blocks(self, names: Iterable[str]) -> Iterator[tuple[Target, torch.Tensor]]:
+        """(target, weight as stored: its row block for q/k/v) for each name, in checkpoint order,
+        one stored tensor in memory at a time (q/k/v share one read of in_proj_weight)."""
+        for key, targets_in in self.groups(names):
+            w = self.read(key)
+            for t in targets_in:
                 yield t, rows_of(w, t.rows)
             del w
 
@@ -237,8 +246,11 @@ class BaseCheckpoint:
         if todo:
             started = time.time_ns()
             hashed = {}
-            for i, (name, digest, norms) in enumerate(parallel_map(lambda item: self._hash(item, store),
-                                                                   self.blocks(todo))):
+            groups = self.groups(todo)
+            space = PerThread("cpu", {"read": max(self.file.buffer_bytes(key) for key, _ in groups)})
+            done = (item for out in parallel_map(lambda group: self._hash(group, store, space.get()), groups)
+                    for item in out)
+            for i, (name, digest, norms) in enumerate(done):
                 hashed[name] = digest
                 if norms is not None:
                     store[digest] = norms
@@ -249,17 +261,21 @@ class BaseCheckpoint:
             self._save(store if computed else None, digests, started)
         return {n: store[digests[n]] for n in names}, computed
 
-    def _hash(self, item: tuple[Target, torch.Tensor], store: dict[str, LayerNorms]
-              ) -> tuple[str, str, LayerNorms | None]:
-        """(name, digest, norms computed now, or None when the digest's norms are cached)."""
-        t, block = item
-        digest = block_digest(block)
-        if digest in store:
-            return t.name, digest, None
-        norms = layer_norms(block)
-        if not (math.isfinite(norms.spectral) and math.isfinite(norms.frobenius)):
-            raise OrthoLoraError(f"base layer {t.name}: its norms overflow float32", self.path)
-        return t.name, digest, norms
+    def _hash(self, group: tuple[str, list[Target]], store: dict[str, LayerNorms], work: Workspace
+              ) -> list[tuple[str, str, LayerNorms | None]]:
+        """(name, digest, norms computed now, or None when the digest's norms are cached) of each
+        target in one checkpoint tensor, read (on a worker thread) into that thread's reused buffers."""
+        key, targets_in = group
+        w = self.read(key, work.take("read", (self.file.buffer_bytes(key),), torch.uint8))
+        out = []
+        for t in targets_in:
+            block = rows_of(w, t.rows)
+            digest = block_digest(block)
+            norms = None if digest in store else layer_norms(block, work)
+            if norms is not None and not (math.isfinite(norms.spectral) and math.isfinite(norms.frobenius)):
+                raise OrthoLoraError(f"base layer {t.name}: its norms overflow float32", self.path)
+            out.append((t.name, digest, norms))
+        return out
 
     def _memo_file(self) -> Path | None:
         if self._state is None:

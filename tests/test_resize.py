@@ -303,7 +303,7 @@ def test_norm_cache_is_used_and_invalidated(pairs, tmp_path, monkeypatch):
     first = run()
     assert first.totals["base_norms"] == f"computed {len(tiny_targets('sd15'))} layers"
 
-    def refuse(w):
+    def refuse(w, work=None):
         raise AssertionError("norms recomputed")
 
     monkeypatch.setattr(normcache, "layer_norms", refuse)
@@ -373,7 +373,7 @@ def test_warm_norm_cache_reads_no_tensor_data(pairs, tmp_path, monkeypatch):
     names = [t.name for t in tiny_targets("sd15")[:6]]
     _norms(ckpt, cache, names)
     assert not list(cache.glob("file-*.json"))  # just written: not settled, nothing recorded
-    monkeypatch.setattr(normcache, "layer_norms", lambda w: pytest.fail("norms recomputed"))
+    monkeypatch.setattr(normcache, "layer_norms", lambda w, work=None: pytest.fail("norms recomputed"))
     reads = []
     real_get = SafetensorsFile.get
     monkeypatch.setattr(SafetensorsFile, "get", lambda self, key, buffer=None: reads.append(key) or real_get(self, key, buffer))
