@@ -164,3 +164,20 @@ def test_merge_and_extract_write_the_same_bytes_with_direct_reads(pairs, tmp_pat
     assert a.modules.keys() == b.modules.keys()
     for name in a.modules:
         assert torch.equal(a.modules[name].delta(), b.modules[name].delta()), name
+
+
+def test_a_file_system_that_refuses_o_direct_is_read_buffered(tmp_path, forced, monkeypatch):
+    tensors = _odd_file(tmp_path / "odd.safetensors")
+    real = os.open
+
+    def no_direct(path, flags, *args, **kw):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    with open_tensors(tmp_path / "odd.safetensors") as f:
+        for key, want in tensors.items():
+            assert torch.equal(f.get(key, torch.empty(f.buffer_bytes(key), dtype=torch.uint8)), want)
+        assert not f._direct.enabled and not f.reads_direct("t1")  # asked once, then plain reads
+    assert all(done == 0 for _, done in forced)
