@@ -5,8 +5,9 @@ W is the layer's weight flattened to [out, in·k·k] (for open_clip q/k/v: the r
 Ritz triplet's residual is below `rtol`·σ̃ (a singular value of W then lies within it; in practice
 the error is far smaller). On full-size SDXL layers (random-like, flat-topped spectra: the hard
 case) rtol 1e-4 lands within ~2e-6 in 0.2–0.5 s, as fast as 50 power iterations, which are still
-5e-3–8e-3 off; `linalg.matrix_norm(ord=2)` takes 0.7–15 s. Weights are streamed: a few tensors
-are in memory at a time, each checked for NaN/Inf as it is read.
+5e-3–8e-3 off; `linalg.matrix_norm(ord=2)` takes 0.7–15 s. Weights are streamed: each worker
+thread reads the next tensor into its own reused buffers (a cold file directly, directio), so a few
+tensors are in memory at a time and no layer costs fresh pages; each is checked for NaN/Inf as read.
 
 The cache (in `cache_dir`, default `$XDG_CACHE_HOME/ortholora`, else `~/.cache/ortholora`) keys
 norms by content, and trusts nothing but content and, for files already hashed, their stat:
