@@ -40,7 +40,7 @@ import os
 import time
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
@@ -123,11 +123,16 @@ def _top_ritz(alphas: list[float], betas: list[float], exact: bool = False) -> t
     return float(s[0]), betas[k - 1] * abs(float(x[-1, 0]))
 
 
-def layer_norms(w: torch.Tensor, work: Workspace | None = None) -> LayerNorms:
-    """σ_max and ‖·‖_F of a weight flattened to [out, in·k·k] (computed in float32, in `work`'s
-    buffer when given)."""
+def float_matrix(w: torch.Tensor, work: Workspace | None = None) -> torch.Tensor:
+    """A weight flattened to [out, in·k·k] as float32, in `work`'s "float32" buffer when given (valid
+    until that buffer is reused)."""
     flat = as_matrix(w)
-    flat = (work.take("float32", flat.shape, torch.float32) if work is not None else torch.empty(flat.shape)).copy_(flat)
+    return (work.take("float32", flat.shape, torch.float32) if work is not None else torch.empty(flat.shape)).copy_(flat)
+
+
+def layer_norms(w: torch.Tensor, work: Workspace | None = None) -> LayerNorms:
+    """σ_max and ‖·‖_F of a weight flattened to [out, in·k·k] (computed in float32, `float_matrix`)."""
+    flat = float_matrix(w, work)
     return LayerNorms(spectral_norm(flat), float(torch.linalg.vector_norm(flat)))
 
 
@@ -212,26 +217,14 @@ class BaseCheckpoint:
             by_key.setdefault(t.ckpt_key, []).append(t)
         return [(key, by_key[key]) for key in self.file.keys() if key in by_key]
 
-    def read(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """One stored tensor (into `buffer`, of ≥ `file.buffer_bytes(key)` bytes, when given: a cold
-        file is then read directly, directio), refused if it holds NaN or Inf."""
-        w = self.file.get(key, buffer if buffer is not None else torch.empty(self.file.buffer_bytes(key), dtype=torch.uint8))
+    def read_group(self, group: tuple[str, list[Target]], work: Workspace) -> list[tuple[Target, torch.Tensor]]:
+        """(target, its weight as stored: the row block for q/k/v) for one `groups` entry, its tensor
+        read once into `work`'s "read" buffer (a cold file directly, directio; valid until that
+        buffer is reused), refused if it holds NaN or Inf."""
+        key, targets_in = group
+        w = self.file.get(key, work.take("read", (self.file.buffer_bytes(key),), torch.uint8))
         check_finite(w, key, self.path)
-        return w
-
-    def blocks(self, names: Iterable[str]) -> Iterator[tuple[Target, torch.Tensor]]:
-        """(target, weight as stored: its row block for q/k/v) for each name, in checkpoint order,
-        one stored tensor in memory at a time (q/k/v share one read of in_proj_weight)."""
-        for key, targets_in in self.groups(names):
-            w = self.read(key)
-            for t in targets_in:
-                yield t, rows_of(w, t.rows)
-            del w
-
-    def weights(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, float32 weight flattened to [out, in·k·k]), as `blocks` streams them."""
-        for t, block in self.blocks(names):
-            yield t.name, as_matrix(block.float())
+        return [(t, rows_of(w, t.rows)) for t in targets_in]
 
     def norms(self, names: Iterable[str], progress: Progress | None = None) -> tuple[dict[str, LayerNorms], int]:
         """Norms of the named layers, from the cache where their digests are known and cached; the
@@ -247,9 +240,8 @@ class BaseCheckpoint:
         if todo:
             started = time.time_ns()
             hashed = {}
-            groups = self.groups(todo)
-            space = PerThread("cpu", {"read": max(self.file.buffer_bytes(key) for key, _ in groups)})
-            done = (item for out in parallel_map(lambda group: self._hash(group, store, space.get()), groups)
+            space = PerThread("cpu")
+            done = (item for out in parallel_map(lambda group: self._hash(group, store, space.get()), self.groups(todo))
                     for item in out)
             for i, (name, digest, norms) in enumerate(done):
                 hashed[name] = digest
@@ -266,11 +258,8 @@ class BaseCheckpoint:
               ) -> list[tuple[str, str, LayerNorms | None]]:
         """(name, digest, norms computed now, or None when the digest's norms are cached) of each
         target in one checkpoint tensor, read (on a worker thread) into that thread's reused buffers."""
-        key, targets_in = group
-        w = self.read(key, work.take("read", (self.file.buffer_bytes(key),), torch.uint8))
         out = []
-        for t in targets_in:
-            block = rows_of(w, t.rows)
+        for t, block in self.read_group(group, work):
             digest = block_digest(block)
             norms = None if digest in store else layer_norms(block, work)
             if norms is not None and not (math.isfinite(norms.spectral) and math.isfinite(norms.frobenius)):

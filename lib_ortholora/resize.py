@@ -16,16 +16,18 @@ import math
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from . import arguments, prediction
 from .arch import ARCHS, Arch
 from .errors import OrthoLoraError
+from .keys import Target
 from .lorafile import LoraReader, LoraWriter, carried_metadata, open_lora, write_side_by_side
 from .lowrank import LowRank
-from .normcache import BaseCheckpoint, LayerNorms
+from .memory import PerThread
+from .normcache import BaseCheckpoint, LayerNorms, float_matrix
 from .paths import PathLike
 from .parallel import layer_parallelism, parallel_map
 from .progress import Progress
@@ -142,16 +144,24 @@ def _factor(lf: LoraReader, name: str) -> Factored:
 def _decompose(lf: LoraReader, names: list[str], base: BaseCheckpoint | None, subspace: bool,
                progress: Progress | None) -> tuple[dict[str, Factored], dict[str, torch.Tensor]]:
     """First pass: the spectrum of every named module (its r×d matrices too within KEEP_BYTES), and
-    |u_iᵀ·W_base·v_i| when `subspace` (streaming the base); no factor is kept."""
-    items: Iterable = base.weights(names) if subspace and base is not None else ((n, None) for n in names)
+    |u_iᵀ·W_base·v_i| when `subspace` (streaming the base, each tensor read on the worker thread into
+    its reused buffers); no factor is kept."""
+    space = PerThread("cpu")
 
-    def work(item: tuple[str, torch.Tensor | None]) -> tuple[str, Factored, torch.Tensor | None]:
-        name, w = item
-        f = _factor(lf, name)
-        return name, f, subspace_scale(f, w) if w is not None else None
+    def with_base(group: tuple[str, list[Target]]) -> list[tuple[str, Factored, torch.Tensor | None]]:
+        out = []
+        for t, block in base.read_group(group, space.get()):
+            f = _factor(lf, t.name)
+            out.append((t.name, f, subspace_scale(f, float_matrix(block, space.get()))))
+        return out
 
+    def alone(name: str) -> list[tuple[str, Factored, torch.Tensor | None]]:
+        return [(name, _factor(lf, name), None)]
+
+    work, items = (with_base, base.groups(names)) if subspace and base is not None else (alone, names)
+    done = (item for out in parallel_map(work, items) for item in out)
     spectra, scales, budget = {}, {}, KEEP_BYTES
-    for i, (name, f, scale) in enumerate(parallel_map(work, items)):
+    for i, (name, f, scale) in enumerate(done):
         cost = (f.left.numel() + f.right.numel()) * f.left.element_size()
         keep = cost <= budget
         budget -= cost if keep else 0

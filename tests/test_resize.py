@@ -20,6 +20,7 @@ from lib_ortholora.errors import OrthoLoraError
 from lib_ortholora.fileio import SafetensorsFile, open_tensors
 from lib_ortholora.lorafile import read_lora
 from lib_ortholora.lowrank import LowRank
+from lib_ortholora.memory import Workspace
 from lib_ortholora.normcache import BaseCheckpoint, spectral_norm
 from lib_ortholora.paths import cache_dir
 from lib_ortholora.outputs import OutputExists
@@ -243,9 +244,9 @@ def test_qkv_norms_use_the_row_block(pairs):
     with BaseCheckpoint(base) as ckpt, open_tensors(base) as f:
         name = "lora_te_text_model_encoder_layers_0_self_attn_k_proj"
         t = ckpt.target(name)
-        (got, w), = list(ckpt.weights([name]))
-        block = f.get(t.ckpt_key)[t.rows[0]:t.rows[1]].float()
-        assert got == name and torch.equal(w, block) and w.shape == t.shape
+        (got, w), = ckpt.read_group(ckpt.groups([name])[0], Workspace())
+        block = f.get(t.ckpt_key)[t.rows[0]:t.rows[1]]
+        assert got == t and torch.equal(w, block) and w.shape == t.shape
 
 
 def test_default_cache_dir_respects_xdg(monkeypatch, tmp_path):
