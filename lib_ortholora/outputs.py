@@ -12,6 +12,8 @@ run; listed in `removed`), then creates one temp file per target. Writers write 
 (`atomic_output`). `publish` moves every written temp onto its target: first every step that can
 fail (fsync; the permissions of the file being replaced), then the moves; a move that still fails
 takes back the targets it had created. On any error before that, `discard` removes every temp.
+Every lock file, temp file and folder is recorded before it is made: an interrupt (Ctrl-C, or a
+stop signal raised in the main thread) that lands just after it was made still has it removed.
 
 Temp files are `.<target name>.ortholora-<token>.tmp` beside the target, `token` (12 hex) being
 the run's. Before its first temp file in a folder, a run creates `.ortholora-<token>.lock` there
@@ -121,29 +123,39 @@ def _create(path: Path) -> int:
 
 
 class _FolderLock:
-    """A run's lock file in one folder (see the module docstring), held until `release`."""
+    """A run's lock file in one folder (see the module docstring), taken by `acquire`, held until
+    `release`. Made before its file exists, so that its owner can record it first: an interrupt
+    (Ctrl-C, SIGTERM) that lands while the file is being made still has `release` remove it."""
 
     def __init__(self, folder: Path, token: str):
+        self.folder = folder
         self.path = folder / f".ortholora-{token}.lock"
-        first = self.path.with_name(self.path.name + ".new") if fcntl else self.path
+        self._first = self.path.with_name(self.path.name + ".new") if fcntl else self.path
+        self._names = (self._first, self.path)  # what release removes: names only this run uses
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
         try:
-            self.fd = _create(first)
+            self.fd = _create(self._first)
         except OSError as err:
-            raise write_error(err, folder) from err
+            self._names = ()  # not made here: nothing to remove
+            raise write_error(err, self.folder) from err
         try:
             if fcntl:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.rename(first, self.path)
+                os.rename(self._first, self.path)
         except OSError as err:
-            os.close(self.fd)
-            os.unlink(first)
-            raise write_error(err, folder) from err
+            self.release()
+            raise write_error(err, self.folder) from err
 
     def release(self) -> None:
         try:
-            self.path.unlink(missing_ok=True)
+            for name in self._names:
+                name.unlink(missing_ok=True)
         finally:
-            os.close(self.fd)
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
 
 
 @contextmanager
@@ -269,22 +281,28 @@ class Outputs:
             for folder in dict.fromkeys(p.parent for p in fresh.values()):
                 if folder not in self._locks:
                     self.removed += remove_stale_temps(folder)
-                    self._locks[folder] = _FolderLock(folder, self.token)
+                    self._locks[folder] = lock = _FolderLock(folder, self.token)  # recorded, then made:
+                    lock.acquire()  # an interrupt in between still has discard remove it
             for key, path in fresh.items():
-                self.claims[key] = Claim(path, self._temp(path), overwrite)
+                self.claims[key] = Claim(path, self._temp(path), overwrite)  # the same order
+                self._create_temp(key)
         except BaseException:
             self.discard()
             raise
         return paths
 
     def _temp(self, target: Path) -> Path:
-        """The (new, empty) temp file of `target`."""
-        tmp = target.with_name(f".{target.name[:150]}.ortholora-{self.token}.tmp")
+        """The name of `target`'s temp file (this run's token makes it this run's own)."""
+        return target.with_name(f".{target.name[:150]}.ortholora-{self.token}.tmp")
+
+    def _create_temp(self, key: _Key) -> None:
+        """Make the claim's temp file, new and empty."""
+        claim = self.claims[key]
         try:
-            os.close(_create(tmp))
+            os.close(_create(claim.tmp))
         except OSError as err:
-            raise write_error(err, target) from err
-        return tmp
+            del self.claims[key]  # not made here: not for discard to remove
+            raise write_error(err, claim.target) from err
 
     def _check(self, path: Path, suffix: str | None, make_folders: bool) -> None:
         """A file name with the right suffix, in a folder that exists (made here if asked)."""
@@ -297,11 +315,12 @@ class Outputs:
         if not make_folders:
             raise OrthoLoraError("output folder does not exist", path)
         missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+        self._made += missing  # recorded first, as the lock and temp files are (discard skips what is not there)
         try:
             path.parent.mkdir(parents=True)
         except OSError as err:
+            del self._made[len(self._made) - len(missing):]  # not made here (one may be someone else's)
             raise OrthoLoraError(f"cannot create the output folder: {err.strerror or err}", path.parent) from err
-        self._made += missing
 
     def publish(self) -> list[Path]:
         """Move every written temp onto its target (all or none), drop the unwritten ones; returns

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from lib_ortholora import outputs
 from lib_ortholora.errors import OrthoLoraError
 from lib_ortholora.outputs import Outputs, OutputExists, atomic_output, remove_stale_temps
 
@@ -158,4 +159,38 @@ def test_claims_made_folders_go_when_nothing_is_written(tmp_path):
         with Outputs() as outputs:
             outputs.claim([tmp_path / "a" / "b" / "x.safetensors"], make_folders=True)
             raise RuntimeError("failed")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("nth", [1, 2], ids=["lock file", "temp file"])
+def test_an_interrupt_right_after_a_file_is_made_leaves_nothing(tmp_path, monkeypatch, nth):
+    """A stop signal raises in the main thread between any two bytecodes, also right after the lock
+    or the temp file is made and before the run has recorded it: discard must still find it."""
+    real, calls = outputs._create, []
+
+    def create_then_interrupt(path):
+        fd = real(path)
+        calls.append(path)
+        if len(calls) == nth:
+            raise KeyboardInterrupt
+        return fd
+
+    monkeypatch.setattr(outputs, "_create", create_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with outputs.Outputs() as run:
+            run.claim([tmp_path / "x.safetensors"])
+    assert len(calls) == nth and os.listdir(tmp_path) == []
+
+
+def test_an_interrupt_right_after_the_output_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
+    real = Path.mkdir
+
+    def mkdir_then_interrupt(self, *args, **kw):
+        real(self, *args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with outputs.Outputs() as run:
+            run.claim([tmp_path / "new" / "deeper" / "x.safetensors"], make_folders=True)
     assert os.listdir(tmp_path) == []
