@@ -164,11 +164,12 @@ class SafetensorsFile(TensorFile):
             raise ValueError(f"buffer for {key!r} must be a contiguous CPU tensor of ≥ {count} bytes")
         flat = buffer.view(-1).view(torch.uint8)
         position = self._data_start + self._offsets[key]
-        direct = self.reads_direct(key) and flat.numel() >= self.buffer_bytes(key)
+        need = self.buffer_bytes(key)
+        direct = need > count and flat.numel() >= need
         start = directio.place(flat.data_ptr(), position) if direct else 0
         data = flat[start:start + count]
         if count:
-            done = self._read_direct(position, flat, start, count) if start else 0
+            done = self._read_direct(position, flat, start, count) if direct else 0
             if done < count:
                 self._read_at(position + done, _tensor_bytes(data)[done:], key)
         return data.view(dtype).view(shape)
@@ -195,45 +196,50 @@ class SafetensorsFile(TensorFile):
         self._entry(key)
         return FileSlice(self, key, self._data_start + self._offsets[key], self.nbytes(key))
 
-    def _read_direct(self, position: int, flat: torch.Tensor, start: int, count: int) -> int:
-        """Bytes of the tensor at `position` read into flat[start:] with directio (0 when cached)."""
+    @contextmanager
+    def _reading(self, serial: bool = False) -> Iterator[None]:
+        """A read of the open file (a closed one is refused): counted while it runs outside the
+        lock, so that ``close`` waits for it; with `serial`, run under the lock instead."""
         with self._lock:
             if self._file.closed:
                 raise OrthoLoraError("file is closed", self.path)
+            if serial:
+                yield
+                return
             self._readers += 1
         try:
-            return self._direct.read(_tensor_bytes(flat), start, position, count)
-        except OSError as err:
-            raise OrthoLoraError(f"cannot read: {err.strerror or err}", self.path) from err
+            yield
         finally:
             with self._lock:
                 self._readers -= 1
                 self._lock.notify_all()
 
+    def _read_direct(self, position: int, flat: torch.Tensor, start: int, count: int) -> int:
+        """Bytes of the tensor at `position` read into flat[start:] with directio (0 when cached)."""
+        with self._reading():
+            try:
+                return self._direct.read(_tensor_bytes(flat), start, position, count)
+            except OSError as err:
+                raise OrthoLoraError(f"cannot read: {err.strerror or err}", self.path) from err
+
     def _read_at(self, position: int, view: memoryview, key: str) -> None:
         """Fill ``view`` from byte ``position`` of the file (part of tensor ``key``). Threads read
         at once where the OS reads at an offset (preadv); ``close`` waits for running reads."""
         preadv = getattr(os, "preadv", None)
-        with self._lock:
-            if self._file.closed:
-                raise OrthoLoraError("file is closed", self.path)
-            if preadv is None:
+        if preadv is None:
+            with self._reading(serial=True):
                 return self._read_serial(position, view, key)
-            self._readers += 1
-        try:
-            done = 0
-            while done < len(view):
-                got = preadv(self._file.fileno(), [view[done:]], position + done)
-                if not got:
-                    raise OrthoLoraError(f"file ended inside tensor {key!r} (changed since it was "
-                                         "opened?)", self.path)
-                done += got
-        except OSError as err:
-            raise OrthoLoraError(f"cannot read tensor {key!r}: {err.strerror or err}", self.path) from err
-        finally:
-            with self._lock:
-                self._readers -= 1
-                self._lock.notify_all()
+        with self._reading():
+            try:
+                done = 0
+                while done < len(view):
+                    got = preadv(self._file.fileno(), [view[done:]], position + done)
+                    if not got:
+                        raise OrthoLoraError(f"file ended inside tensor {key!r} (changed since it was "
+                                             "opened?)", self.path)
+                    done += got
+            except OSError as err:
+                raise OrthoLoraError(f"cannot read tensor {key!r}: {err.strerror or err}", self.path) from err
 
     def _read_serial(self, position: int, view: memoryview, key: str) -> None:
         """``_read_at`` by seek and read (under the lock)."""
